@@ -1,0 +1,164 @@
+"""The engine ↔ HTTP contract: pure dataclasses and exception types (no FastAPI, no torch tensors).
+
+The HTTP layer tokenizes (chat template included), builds one :class:`GenerationRequest` per choice (``n > 1`` is
+n requests; with a seed, choice i uses seed + i), and consumes the :class:`GenerationOutput` events that
+``Engine.generate`` yields. Errors are :class:`EngineError` subclasses; the HTTP layer maps them to statuses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from hpr.editing import EditSpec
+
+FinishReason = Literal["stop", "length"]
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request field is out of range (→ 400). ``param`` names the field, e.g. ``"top_p"``."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is full (→ 429 with ``Retry-After: retry_after`` seconds)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit the context (→ 400, param ``messages``/``prompt``)."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is shutting down or stopped (→ 503)."""
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message, param)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Validated on construction (raises :class:`InvalidRequestError`)."""
+
+    max_tokens: int = 16  # 0 allowed only with prompt_logprobs: score the prompt, generate nothing
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None  # per-request torch.Generator: the same text alone or in a batch
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> bias added to the logit
+    stop: tuple[str, ...] = ()  # stop strings: they and what follows are not returned
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos token(s)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = none; k ≥ 0 = the chosen token's logprob + top-k alternatives
+    prompt_logprobs: bool = False  # logprobs of the prompt tokens (completions `echo` + `logprobs`)
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 0, f"max_tokens must be ≥ 0, got {self.max_tokens}", "max_tokens")
+        _check(
+            self.max_tokens > 0 or self.prompt_logprobs,
+            "max_tokens 0 is only allowed when scoring the prompt (echo + logprobs)",
+            "max_tokens",
+        )
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"temperature must be ≥ 0, got {self.temperature}",
+            "temperature",
+        )
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        _check(self.top_k >= 0, f"top_k must be ≥ 0 (0 = off), got {self.top_k}", "top_k")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}", name)
+        _check(
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            "repetition_penalty",
+        )
+        for token, bias in self.logit_bias.items():
+            _check(
+                isinstance(token, int) and math.isfinite(bias) and -100.0 <= bias <= 100.0,
+                f"logit_bias must map token ids to numbers in [-100, 100], got {token!r}: {bias!r}",
+                "logit_bias",
+            )
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", "stop")
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= 20,
+            f"logprobs must be in [0, 20], got {self.logprobs}",
+            "logprobs",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate. ``prompt_ids`` are already tokenized (chat template applied)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    edit: EditSpec | None = None  # validated by HPREditor.resolve(...); None = the base model
+    return_stats: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float  # natural log, of the distribution after penalties/bias, before temperature/top-p/top-k
+    top: list[tuple[int, str, float]]  # (token id, token text, logprob), best first
+
+
+@dataclass
+class LayerEditStats:
+    """Per decoder layer, summed over every step of a request."""
+
+    tokens: int  # token positions the edit looked at (scope applied)
+    rotated: int  # of those, positions the probe judged negative and that were rotated
+    mean_angle: float  # radians, mean over rotated positions (0 when none)
+
+
+@dataclass
+class GenerationOutput:
+    """One event. A request yields ≥ 1 of them; the last one has ``finish_reason`` set."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens in this event
+    text: str  # new text (incremental detokenization; stop strings and what follows removed)
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when sampling.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only, when asked (None for token 0)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # cumulative
+    edit_stats: dict[int, LayerEditStats] | None = None  # last event only, when return_stats
+
+
+class EngineObserver(Protocol):
+    """Metrics hooks; called from the engine thread, so keep them cheap and thread-safe (prometheus is)."""
+
+    def on_step(self, batch_size: int) -> None: ...
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
+    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_edit(self, layer: int, tokens: int) -> None: ...
