@@ -109,8 +109,13 @@ def embedded_gguf_path() -> Path:
 
 
 def _fingerprint(file: Path) -> str:
-    stat = file.stat()
-    return f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    """Identity of a GGUF for the conversion cache: name, size and a hash of its first MiB.
+
+    Not the path: the same file installed in another virtualenv must hit the same cache.
+    """
+    with file.open("rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:16]
+    return f"{file.name}|{file.stat().st_size}|{head}"
 
 
 def converted_gguf_dir(gguf: Path, name: str | None = None) -> Path:
