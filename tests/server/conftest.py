@@ -60,3 +60,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random HPR adapter for the tiny llama in our format: trained layers 0-3, selected 0-1."""
     return make_random_adapter().save(tmp_path_factory.mktemp("tiny-adapter") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir: Path, tiny_adapter_dir: Path) -> Any:
+    """Settings for a server over the tiny model with the adapter ``tiny`` (fp32, CPU)."""
+    from server.settings import ServerSettings
+
+    return ServerSettings(model=str(tiny_model_dir), adapter=[f"tiny={tiny_adapter_dir}"], device="cpu", dtype="float32")

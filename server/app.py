@@ -1,0 +1,47 @@
+"""The FastAPI application: ``create_app(settings)`` wires routes, middlewares, error handlers and the lifespan."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.auth import APIKeyMiddleware
+from server.body_limit import BodyLimitMiddleware
+from server.errors import install_error_handlers
+from server.metrics import RequestMetricsMiddleware, ServerMetrics
+from server.routes import router
+from server.runtime import EngineFactory, default_engine_factory, make_lifespan
+from server.settings import ServerSettings
+
+
+def create_app(settings: ServerSettings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. The model loads when the app starts (its lifespan), not here.
+
+    ``engine_factory`` replaces the batching engine (tests use a scripted fake).
+    """
+    settings = settings or ServerSettings()
+    app = FastAPI(
+        title="hpr-serve",
+        summary="OpenAI-compatible server for LLMs edited by Householder Pseudo-Rotation",
+        version="0.1.0",
+        lifespan=make_lifespan(engine_factory or default_engine_factory),
+    )
+    app.state.settings = settings
+    app.state.metrics = ServerMetrics()
+    app.state.runtime = None
+    app.state.load_error = None
+    app.state.stopping = False
+    app.include_router(router)
+    install_error_handlers(app)
+    # Added innermost first: a request meets metrics → CORS → API key → body limit → routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys())
+    if settings.cors_origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    return app

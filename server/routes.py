@@ -1,0 +1,71 @@
+"""The HTTP routes: thin — validate, call the serving logic, wrap streams in SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
+
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+)
+from server.runtime import Runtime, get_runtime
+from server.serving.chat import ServingChat
+from server.serving.completion import ServingCompletion
+from server.serving.models import list_models
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+router = APIRouter()
+
+
+def _sse(frames: AsyncIterator[str]) -> EventSourceResponse:
+    # ping: a comment line every 15 s keeps proxies from closing a stream whose prefill is slow.
+    return EventSourceResponse(frames, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(runtime: RuntimeDep) -> dict[str, str]:
+    """200 once the model is loaded and the engine runs; 503 (with the reason) before that or while stopping."""
+    return {"status": "ok", "model": runtime.base_id}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics
+    assert isinstance(registry, ServerMetrics)
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def models(runtime: RuntimeDep) -> ModelList:
+    return list_models(runtime)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: RuntimeDep) -> Response:
+    result = await ServingChat(runtime).create(body, request)
+    if isinstance(result, ChatCompletionResponse):
+        return JSONResponse(result.model_dump(mode="json"))
+    return _sse(result)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep) -> Response:
+    result = await ServingCompletion(runtime).create(body, request)
+    if isinstance(result, CompletionResponse):
+        return JSONResponse(result.model_dump(mode="json"))
+    return _sse(result)

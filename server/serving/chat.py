@@ -1,0 +1,129 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from server.engine.types import GenerationRequest
+from server.errors import APIError
+from server.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from server.runtime import Runtime
+from server.serving.edits import ResolvedEdit, resolve_edit, stats_payload
+from server.serving.generation import collect_all, merge_streams, open_streams
+from server.serving.logprobs import chat_logprobs
+from server.serving.prompts import check_context, render_chat
+from server.serving.sampling import for_choice, sampling_params
+from server.serving.sse import chunk_json, new_id, now, with_error_frame
+
+
+class ServingChat:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def create(self, request: ChatCompletionRequest, raw: Request) -> ChatCompletionResponse | AsyncIterator[str]:
+        """A full response, or (``stream: true``) an iterator of SSE data payloads ending with ``[DONE]``."""
+        rt = self.runtime
+        edit = resolve_edit(rt, request.model, request.hpr)
+        prompt_ids = render_chat(rt.tokenizer, request.messages)
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        check_context(len(prompt_ids), 1 if max_tokens is None else max_tokens, rt.max_model_len, "messages")
+        if max_tokens is None:
+            max_tokens = rt.max_model_len - len(prompt_ids)  # OpenAI: unlimited, i.e. up to the context
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        params = sampling_params(
+            request,
+            max_tokens=max_tokens,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            prompt_logprobs=False,
+            vocab_size=rt.vocab_size,
+        )
+        response_id = new_id("chatcmpl")
+        requests = [
+            GenerationRequest(
+                request_id=f"{response_id}-{i}",
+                prompt_ids=prompt_ids,
+                sampling=for_choice(params, i),
+                edit=edit.spec,
+                return_stats=edit.return_stats,
+            )
+            for i in range(request.n)
+        ]
+        model = request.model or rt.base_id
+        if request.stream:
+            iterators = await open_streams(rt.engine, requests, raw)
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            frames = self._stream(response_id, model, edit, len(prompt_ids), iterators, include_usage)
+            return with_error_frame(frames)
+        results = await collect_all(rt.engine, requests, raw)
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatResponseMessage(content=r.text),
+                logprobs=chat_logprobs(r.logprobs) if request.logprobs else None,
+                finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                hpr_stats=stats_payload(r.edit_stats),
+            )
+            for i, r in enumerate(results)
+        ]
+        completion_tokens = sum(r.completion_tokens for r in results)
+        return ChatCompletionResponse(
+            id=response_id,
+            created=now(),
+            model=model,
+            choices=choices,
+            usage=UsageInfo(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=completion_tokens,
+                total_tokens=len(prompt_ids) + completion_tokens,
+            ),
+            hpr=edit.applied,
+        )
+
+    async def _stream(
+        self,
+        response_id: str,
+        model: str,
+        edit: ResolvedEdit,
+        prompt_tokens: int,
+        iterators: list[AsyncIterator],  # type: ignore[type-arg]
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        created = now()
+
+        def chunk(choices: list[ChatCompletionChunkChoice], **extra: object) -> str:
+            return chunk_json(
+                ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, **extra)  # type: ignore[arg-type]
+            )
+
+        for i in range(len(iterators)):
+            role = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            yield chunk([role], hpr=edit.applied) if i == 0 else chunk([role])
+        completion_tokens = [0] * len(iterators)
+        async for i, out in merge_streams(iterators):
+            completion_tokens[i] = out.completion_tokens
+            if not (out.text or out.logprobs or out.finish_reason):
+                continue
+            choice = ChatCompletionChunkChoice(
+                index=i,
+                delta=DeltaMessage(content=out.text) if out.text else DeltaMessage(),
+                logprobs=chat_logprobs(out.logprobs) if out.logprobs else None,
+                finish_reason=out.finish_reason,
+                hpr_stats=stats_payload(out.edit_stats),
+            )
+            yield chunk([choice])
+        if include_usage:
+            total = sum(completion_tokens)
+            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total)
+            yield chunk([], usage=usage)

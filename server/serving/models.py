@@ -1,0 +1,38 @@
+"""``GET /v1/models``: the base model, then every adapter (``parent`` = the base model's id)."""
+
+from __future__ import annotations
+
+from hpr.checkpoint import HPRAdapter
+from server.protocol import ModelCard, ModelList
+from server.runtime import Runtime
+
+
+def adapter_info(adapter: HPRAdapter) -> dict[str, object]:
+    config = adapter.config
+    return {
+        "base_model": config.base_model,
+        "trained_layers": list(config.layers),
+        "selected_layers": list(config.selected_layers),
+        "probe_accuracy": {str(layer): acc for layer, acc in sorted(config.probe_accuracy.items())},
+        "format": "seed" if config.training.get("source_format") == "seed" else "hpr",
+    }
+
+
+def list_models(runtime: Runtime) -> ModelList:
+    base = ModelCard(
+        id=runtime.base_id, created=runtime.created, root=runtime.loaded.source, max_model_len=runtime.max_model_len
+    )
+    cards = [base]
+    for name, adapter in runtime.adapters.items():
+        source = runtime.adapter_sources.get(name)
+        cards.append(
+            ModelCard(
+                id=name,
+                created=runtime.created,
+                root=str(source) if source is not None else None,
+                parent=runtime.base_id,
+                max_model_len=runtime.max_model_len,
+                hpr=adapter_info(adapter),
+            )
+        )
+    return ModelList(data=cards)

@@ -1,0 +1,118 @@
+"""Server settings: one pydantic-settings class, read from ``HPR_*`` environment variables and CLI flags.
+
+Every field is also a CLI flag of ``hpr-serve`` (``max_batch_size`` → ``--max-batch-size``); flags win over the
+environment. List fields (``adapter``, ``api_key``, ``cors_origin``) repeat on the command line and are
+comma-separated (or a JSON list) in the environment. The app reaches the settings through
+:func:`server.runtime.get_settings`; nothing reads them at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from hpr.model import EMBEDDED_MODEL_ID
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+StrList = Annotated[list[str], NoDecode]
+
+
+def _split_list(value: Any) -> Any:
+    """Env values arrive as one string: accept a JSON list or comma-separated items."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``hpr-serve`` can be told at startup (env prefix ``HPR_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="HPR_", extra="ignore", frozen=True)
+
+    model: str = Field(
+        default=EMBEDDED_MODEL_ID,
+        description="Base model: a Hugging Face directory, a hub id, a .gguf file, or the embedded default.",
+    )
+    adapter: StrList = Field(
+        default_factory=list,
+        description="HPR adapter to load as NAME=PATH (or PATH: the name is the directory name); repeatable. "
+        "Our checkpoint format or the seed's. Requests can only use adapters given here.",
+    )
+    host: str = Field(default="127.0.0.1", description="Interface to bind.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together in one forward pass.")
+    max_queue: int = Field(default=256, ge=0, description="Most requests waiting for a batch slot; past it: 429.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Context length (prompt + generated tokens); default: the model's own."
+    )
+    api_key: StrList = Field(
+        default_factory=list, description="Accepted API key (Bearer token); repeatable. None = no auth."
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="File with one accepted API key per line ('#' comments)."
+    )
+    device: str = Field(default="auto", description="Torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: str = Field(
+        default="auto", description="Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Model id shown in /v1/models and accepted as `model` (default: derived from --model).",
+    )
+    cors_origin: StrList = Field(
+        default_factory=list,
+        description="Allowed CORS origin (e.g. https://app.example or *); repeatable. Off if unset.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body; past it: 413."
+    )
+    drain_timeout: float = Field(default=30.0, ge=0, description="Seconds running requests get to finish on shutdown.")
+    log_level: LogLevel = Field(default="info", description="Log level of the server and uvicorn.")
+
+    @field_validator("adapter", "api_key", "cors_origin", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> ServerSettings:
+        self.adapter_paths()  # raises ValueError on a bad or duplicate NAME=PATH
+        return self
+
+    def adapter_paths(self) -> dict[str, Path]:
+        """``--adapter`` values as ``{name: directory}``, in the order given."""
+        out: dict[str, Path] = {}
+        for item in self.adapter:
+            name, sep, path = item.partition("=")
+            if not sep:
+                name, path = Path(item).name, item
+            name, path = name.strip(), path.strip()
+            if not name or not path:
+                raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
+            if name in out:
+                raise ValueError(f"--adapter {item!r}: the name {name!r} is used twice")
+            out[name] = Path(path).expanduser()
+        return out
+
+    def api_keys(self) -> frozenset[str]:
+        """The accepted keys: ``--api-key`` values plus the lines of ``--api-key-file`` (read when called)."""
+        keys = {key for key in self.api_key if key}
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"--api-key-file {self.api_key_file}: {exc}") from exc
+            keys.update(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+        return frozenset(keys)
