@@ -117,12 +117,15 @@ class EditPlan:
             ≥ prompt_length − 1 (the last prompt token and the generated ones). None = the whole current input is
             the prompt.
         collect_stats: accumulate per (row, layer) tokens seen / rotated / angle sum into ``stats``.
+        valid: (B, T) bool, False at padding positions of a padded batch: those are never edited nor counted
+            (None = every position is a real token).
     """
 
     rows: Sequence[EditSpec | None]
     positions: Tensor | None = None
     prompt_lengths: Sequence[int] | None = None
     collect_stats: bool = False
+    valid: Tensor | None = None
     stats: Tensor | None = field(default=None, init=False)  # (B, num_layers, 3) float32 once compiled
     _groups: dict[int, list[_Group]] = field(default_factory=dict, init=False, repr=False)
     _compiled_for: int | None = field(default=None, init=False, repr=False)
@@ -157,13 +160,18 @@ class EditPlan:
                 continue
             for layer in spec.layers:
                 keyed.setdefault((layer, spec.adapter), []).append(i)
+        valid = self.valid.to(device) if self.valid is not None else None  # (B, T)
         mask_cache: dict[int, Tensor | None] = {}
         for i, spec in enumerate(self.rows):
-            if spec is None or spec.is_noop or spec.scope == "all":
-                mask_cache[i] = None
-            else:
+            row_mask: Tensor | None = None
+            if spec is None or spec.is_noop:
+                pass
+            elif spec.scope == "generated":
                 start = (self.prompt_lengths[i] if self.prompt_lengths is not None else int(positions[i].max()) + 1) - 1
-                mask_cache[i] = positions[i] >= start  # (T,)
+                row_mask = positions[i] >= start  # (T,)
+            if valid is not None and spec is not None and not spec.is_noop:
+                row_mask = valid[i] if row_mask is None else row_mask & valid[i]
+            mask_cache[i] = row_mask
         for (layer, adapter), idx in sorted(keyed.items()):
             specs = [self.rows[i] for i in idx]
             masks = [mask_cache[i] for i in idx]

@@ -1,0 +1,224 @@
+"""The running batch (TGI's shape): requests, a left-padded KV cache, sampling state; ``filter`` and ``concatenate``.
+
+Row ``i`` of a batch of cache length ``L`` has ``pad[i]`` padding columns on the left, so its next token sits at
+absolute position ``L - pad[i]`` and may attend to columns ``≥ pad[i]``. Both stay valid across decode steps
+(every row gains one column per step), and are recomputed only by :meth:`Batch.filter` (rows leave; padding no
+kept row needs is dropped) and :meth:`Batch.concatenate` (rows join; shorter batches get more left padding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from hpr.editing import EditPlan, EditSpec
+from server.engine.kv_cache import GROWTH_CHUNK, BatchKVCache
+from server.engine.sampling import SamplingState
+from server.engine.types import FinishReason, GenerationRequest
+
+
+@dataclass
+class EngineEvent:
+    """What the engine thread hands to a request's consumer; text is made on the consumer side."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # (token, logprob, top alternatives)
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]] | None] | None = None
+    finish_reason: FinishReason | None = None
+    edit_stats: dict[int, tuple[int, int, float]] | None = None  # layer -> (tokens, rotated, angle sum)
+    error: BaseException | None = None
+
+
+@dataclass
+class RequestState:
+    """One request as the engine thread sees it. ``cancelled`` is set by the consumer, read by the engine."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[EngineEvent]
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    max_new_tokens: int  # max_tokens clamped to the room left in the context
+    arrival: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    last_token_time: float | None = None
+    stats: Tensor | None = None  # (num_layers, 3) float32 accumulated over forwards, when return_stats
+    cancelled: bool = False
+    done: bool = False  # the engine sent the last event (or failed the request)
+    completion_tokens_seen: int | None = None  # set by the consumer when it stops early on a stop string
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    def add_stats(self, stats: Tensor) -> None:
+        self.stats = stats.clone() if self.stats is None else self.stats + stats
+
+
+def decode_spec(spec: EditSpec | None) -> EditSpec | None:
+    """The spec to use when every input token is a generated one: scope ``generated`` then equals ``all``."""
+    if spec is None or spec.is_noop:
+        return None
+    return replace(spec, scope="all") if spec.scope == "generated" else spec
+
+
+@dataclass
+class Batch:
+    """The rows being decoded together. ``next_tokens`` (B,) are the tokens to feed at the next step."""
+
+    requests: list[RequestState]
+    cache: BatchKVCache
+    pad: Tensor  # (B,) long: left padding columns per row
+    next_tokens: Tensor  # (B,) long
+    sampling: SamplingState
+    _plan: EditPlan | None = field(default=None, init=False, repr=False)
+    _plan_built: bool = field(default=False, init=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def positions(self) -> Tensor:
+        """(B, 1) absolute positions of ``next_tokens``."""
+        return (self.length - self.pad)[:, None]
+
+    def attention_mask(self) -> Tensor:
+        """(B, 1, 1, L + 1) bool: which cache columns (plus the new token) each row may attend to."""
+        columns = torch.arange(self.length + 1, device=self.pad.device)  # (L + 1,)
+        return (columns[None, :] >= self.pad[:, None])[:, None, None, :]
+
+    def decode_plan(self) -> EditPlan | None:
+        """The per-row edit plan of a decode step, built once per batch composition and reused every step.
+
+        Stats accumulate in ``plan.stats`` across steps and move to each request on :meth:`flush_stats`.
+        """
+        if not self._plan_built:
+            specs = [decode_spec(r.request.edit) for r in self.requests]
+            collect = any(r.request.return_stats for r in self.requests)
+            self._plan = None if all(s is None for s in specs) else EditPlan(rows=specs, collect_stats=collect)
+            self._plan_built = True
+        return self._plan
+
+    def edited_rows_per_layer(self) -> dict[int, int]:
+        """Layer -> number of rows a decode step edits there (for the ``on_edit`` metric)."""
+        counts: dict[int, int] = {}
+        for state in self.requests:
+            spec = decode_spec(state.request.edit)
+            for layer in spec.layers if spec is not None else ():
+                counts[layer] = counts.get(layer, 0) + 1
+        return counts
+
+    def row_stats(self, row: int) -> Tensor | None:
+        """(num_layers, 3) stats of ``row`` so far, including the steps since the last flush."""
+        state = self.requests[row]
+        pending = self._plan.stats[row] if self._plan is not None and self._plan.stats is not None else None
+        if pending is None:
+            return state.stats
+        return pending if state.stats is None else state.stats + pending
+
+    def flush_stats(self) -> None:
+        plan = self._plan
+        if plan is not None and plan.stats is not None:
+            for row, state in enumerate(self.requests):
+                if state.request.return_stats:
+                    state.add_stats(plan.stats[row])
+            plan.stats = None
+        self._plan, self._plan_built = None, False
+
+    def filter(self, keep: Sequence[int]) -> Batch | None:
+        """A batch of rows ``keep`` (indices, in order); None when no row is left. Drops padding nobody needs.
+
+        ``self`` stays usable (its cache is copied, not mutated), so a step can be retried on a sub-batch.
+        """
+        self.flush_stats()
+        if not keep:
+            return None
+        if list(keep) == list(range(len(self.requests))):
+            return self
+        rows = torch.tensor(list(keep), dtype=torch.long, device=self.pad.device)
+        pad = self.pad.index_select(0, rows)
+        drop = int(pad.min())  # columns that are padding for every kept row
+        spare = max(min(r.max_new_tokens - len(r.generated) for r in (self.requests[i] for i in keep)), 1)
+        return Batch(
+            requests=[self.requests[i] for i in keep],
+            cache=self.cache.select(rows, drop, min(spare, GROWTH_CHUNK)),
+            pad=pad - drop,
+            next_tokens=self.next_tokens.index_select(0, rows),
+            sampling=self.sampling.filter(rows, keep),
+        )
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[Batch]) -> Batch:
+        """One batch with the rows of ``batches`` in order; each is left-padded to the longest cache."""
+        if len(batches) == 1:
+            return batches[0]
+        for batch in batches:
+            batch.flush_stats()
+        length = max(b.length for b in batches)
+        cache = BatchKVCache.concatenate([b.cache for b in batches], spare=GROWTH_CHUNK)
+        return cls(
+            requests=[r for b in batches for r in b.requests],
+            cache=cache,
+            pad=torch.cat([b.pad + (length - b.length) for b in batches]),
+            next_tokens=torch.cat([b.next_tokens for b in batches]),
+            sampling=SamplingState.concatenate([b.sampling for b in batches]),
+        )
+
+
+@dataclass
+class PrefillInputs:
+    """Left-padded prompts of newcomers: model inputs plus what the edit plan needs."""
+
+    input_ids: Tensor  # (N, T) long, pad id on the left
+    position_ids: Tensor  # (N, T) long, 0 at padding
+    attention_mask: Tensor  # (N, 1, T, T) bool: causal, padding keys hidden (a pad query sees itself: no NaN)
+    valid: Tensor  # (N, T) bool, False at padding
+    pad: Tensor  # (N,) long
+
+    @classmethod
+    def build(cls, prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> PrefillInputs:
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        t = int(lengths.max())
+        pad = t - lengths  # (N,)
+        ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, t - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        columns = torch.arange(t)  # (T,)
+        valid = columns[None, :] >= pad[:, None]  # (N, T)
+        positions = (columns[None, :] - pad[:, None]).clamp_min(0)  # (N, T)
+        causal = columns[:, None] >= columns[None, :]  # (T, T) query × key
+        diagonal = torch.eye(t, dtype=torch.bool)
+        mask = causal[None] & (valid[:, None, :] | diagonal[None])  # (N, T, T)
+        return cls(
+            input_ids=ids.to(device),
+            position_ids=positions.to(device),
+            attention_mask=mask[:, None].to(device),
+            valid=valid.to(device),
+            pad=pad.to(device),
+        )
+
+    def edit_plan(self, requests: Sequence[RequestState]) -> EditPlan | None:
+        specs = [
+            r.request.edit if r.request.edit is not None and not r.request.edit.is_noop else None for r in requests
+        ]
+        if all(s is None for s in specs):
+            return None
+        return EditPlan(
+            rows=specs,
+            positions=torch.where(self.valid, self.position_ids, torch.full_like(self.position_ids, -1)),
+            prompt_lengths=[r.prompt_len for r in requests],
+            collect_stats=any(r.request.return_stats for r in requests),
+            valid=self.valid,
+        )

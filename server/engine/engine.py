@@ -1,0 +1,370 @@
+"""The engine: one model, one engine thread doing continuous batching, an asyncio front.
+
+Each loop iteration of the engine thread (1) drops rows whose client left or that hit a stop string, (2) prefills
+waiting requests while the running batch has room (several at once, left-padded) and joins them to it, and
+(3) runs ONE forward pass over every running row, each row with its own HPR edit, and picks one token per row.
+Results go to each request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe`` (once per loop per step);
+the consumer side (:meth:`Engine.generate`) turns token ids into text and applies stop strings, so tokenizer
+work stays off the engine thread.
+
+Context length: a prompt that does not fit ``max_model_len`` (or leaves no room for one token) is refused with
+:class:`PromptTooLongError`; otherwise generation is clamped to the room left and then finishes with ``length``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+
+from hpr.editing import HPREditor
+from hpr.errors import UnknownAdapterError
+from hpr.model import LoadedModel
+from server.engine.batch import Batch, EngineEvent, RequestState
+from server.engine.output import OutputBuilder
+from server.engine.runner import ModelRunner, StepOutcome, stats_dict
+from server.engine.sampling import new_generator
+from server.engine.types import (
+    EngineObserver,
+    EngineStoppedError,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Continuous-batching generation over ``loaded.model`` with per-row HPR edits through ``editor``.
+
+    Args:
+        max_batch_size: rows decoded together at most.
+        max_queue: requests waiting for a slot at most; past that :class:`QueueFullError`.
+        max_model_len: prompt + generated tokens at most (default: the model's context).
+        max_prefill_tokens: padded prompt tokens prefilled in one forward at most (bounds the pause that
+            newcomers impose on running streams); a longer single prompt is still prefilled alone.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        editor: HPREditor,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_model_len: int | None = None,
+        max_prefill_tokens: int = 4096,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
+        self.loaded = loaded
+        self.editor = editor
+        self.tokenizer = loaded.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_model_len = min(max_model_len or loaded.max_context, loaded.max_context)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.observer = observer
+        config = getattr(loaded.model, "config", None)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
+        self.eos_ids = _eos_ids(loaded)
+        pad_id = self.tokenizer.pad_token_id
+        self.runner = ModelRunner(
+            loaded.model,
+            editor,
+            pad_id=int(pad_id) if pad_id is not None else 0,
+            vocab_size=self.vocab_size,
+            on_edit=self._on_edit,
+        )
+        self._token_text: dict[int, str] = {}
+        self._lock = threading.Condition()
+        self._waiting: deque[RequestState] = deque()
+        self._running: list[RequestState] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # refuse new requests, finish running ones
+        self._abort = False  # fail running requests and exit
+        self._exited = threading.Event()
+
+    # ---- public API -----------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._loop, name="hpr-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new and queued requests, let running ones finish (up to ``drain_timeout`` s), then exit."""
+        with self._lock:
+            self._stopping = True
+            refused = list(self._waiting)
+            self._waiting.clear()
+            self._lock.notify_all()
+        for state in refused:
+            self._deliver([(state, EngineEvent(error=EngineStoppedError("the server is shutting down")))])
+        if self._thread is None:
+            return
+        drained = await asyncio.to_thread(self._exited.wait, drain_timeout)
+        if not drained:
+            with self._lock:
+                self._abort = True
+                self._lock.notify_all()
+            await asyncio.to_thread(self._exited.wait)
+        await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream the outputs of ``request``. Validation and queueing happen on the first ``__anext__``.
+
+        Closing the iterator (or cancelling the task awaiting it) cancels the request within one engine step.
+        """
+        state = self._submit(request)
+        builder = OutputBuilder(state, self.tokenizer, self.token_text)
+        try:
+            while True:
+                events = [await state.queue.get()]
+                while not state.queue.empty():
+                    events.append(state.queue.get_nowait())
+                output = builder.build(events)
+                if builder.stop_hit and not state.cancelled:
+                    # a stop string ended the text: the engine finishes the row (with stats) at its next step
+                    state.completion_tokens_seen = builder.completion_tokens
+                    state.cancelled = True
+                    self._wake()
+                if output is not None:
+                    yield output
+                if builder.finished:
+                    return
+        finally:
+            if not state.done and not state.cancelled:
+                state.cancelled = True
+                with self._lock:
+                    if state in self._waiting:  # never started: free its queue place now
+                        self._waiting.remove(state)
+                        state.done = True
+                    self._lock.notify_all()
+
+    def token_text(self, token_id: int) -> str:
+        """Text of one token, as shown in logprobs (cached)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    # ---- submission -----------------------------------------------------------------------------------------
+    def _submit(self, request: GenerationRequest) -> RequestState:
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            raise EngineStoppedError("the engine is not running")
+        prompt = request.prompt_ids
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        sampling = request.sampling
+        for name, ids in (("logit_bias", list(sampling.logit_bias)), ("stop_token_ids", list(sampling.stop_token_ids))):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise InvalidRequestError(f"{name} token ids must be in [0, {self.vocab_size})", name)
+        room = self.max_model_len - len(prompt)
+        if room < 0 or (room == 0 and sampling.max_tokens > 0):
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
+                f"(prompt + at least one generated token)",
+                "prompt",
+            )
+        edit = request.edit
+        if edit is not None and not edit.is_noop:
+            if edit.adapter not in self.editor.adapters:
+                raise UnknownAdapterError(f"adapter {edit.adapter!r} is not loaded", "hpr.adapter")
+            if any(not 0 <= layer < self.editor.num_layers for layer in edit.layers):
+                raise InvalidRequestError(f"layers {list(edit.layers)} out of range", "hpr.layers")
+        stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self.eos_ids)
+        state = RequestState(
+            request=request,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+            generator=new_generator(sampling.seed),
+            stop_ids=stop_ids,
+            max_new_tokens=min(sampling.max_tokens, room),
+        )
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0
+                )
+            self._waiting.append(state)
+            self._lock.notify_all()
+        return state
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # ---- engine thread --------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        batch: Batch | None = None
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        while not self._waiting and batch is None and not self._stopping:
+                            self._lock.wait()
+                        if self._abort or (self._stopping and batch is None and not self._waiting):
+                            break
+                        room = self.max_batch_size - (len(batch) if batch is not None else 0)
+                        newcomers = self._take_newcomers(room)
+                    batch = self._drop_cancelled(batch)
+                    if newcomers:
+                        batch = self._admit(batch, newcomers)
+                    if batch is not None:
+                        batch = self._apply(self.runner.decode(batch), len(batch))
+                    self._running = list(batch.requests) if batch is not None else []
+        except BaseException as exc:  # the loop itself broke: fail everyone rather than hang them
+            log.exception("engine loop crashed")
+            self._fail_all(batch, exc)
+            raise
+        finally:
+            self._fail_all(batch, EngineStoppedError("the engine stopped"))
+            self._running = []
+            self._exited.set()
+
+    def _take_newcomers(self, room: int) -> list[RequestState]:
+        taken: list[RequestState] = []
+        longest = 0
+        while self._waiting and len(taken) < room:
+            head = self._waiting[0]
+            if head.cancelled:
+                self._waiting.popleft()
+                head.done = True
+                continue
+            longest_if = max(longest, head.prompt_len)
+            if taken and longest_if * (len(taken) + 1) > self.max_prefill_tokens:
+                break
+            taken.append(self._waiting.popleft())
+            longest = longest_if
+        return taken
+
+    def _admit(self, batch: Batch | None, newcomers: list[RequestState]) -> Batch | None:
+        outcome = self.runner.prefill(newcomers)
+        self._observe_tokens(outcome)
+        joined = self._apply(outcome, None)
+        parts = [b for b in (batch, joined) if b is not None]
+        return Batch.concatenate(parts) if parts else None
+
+    def _apply(self, outcome: StepOutcome, batch_size: int | None) -> Batch | None:
+        """Deliver a step's events, report metrics, and return the batch to continue with."""
+        if batch_size is not None:
+            if self.observer is not None:
+                self._safe(self.observer.on_step, batch_size)
+            self._observe_tokens(outcome)
+        for state in outcome.finished:
+            state.done = True
+            if self.observer is not None:
+                self._safe(self.observer.on_finish, state.request_id, state.prompt_len, len(state.generated))
+        self._deliver(outcome.events)
+        return outcome.batch
+
+    def _drop_cancelled(self, batch: Batch | None) -> Batch | None:
+        if batch is None or not any(s.cancelled for s in batch.requests):
+            return batch
+        keep = [i for i, s in enumerate(batch.requests) if not s.cancelled]
+        events: list[tuple[RequestState, EngineEvent]] = []
+        for row, state in enumerate(batch.requests):
+            if not state.cancelled:
+                continue
+            state.done = True
+            completion = state.completion_tokens_seen
+            if completion is not None:  # stopped by a stop string: the consumer waits for this last event
+                stats = stats_dict(batch.row_stats(row), state) if state.request.return_stats else None
+                events.append((state, EngineEvent(finish_reason="stop", edit_stats=stats)))
+            if self.observer is not None:
+                n = completion if completion is not None else len(state.generated)
+                self._safe(self.observer.on_finish, state.request_id, state.prompt_len, n)
+        self._deliver(events)
+        return batch.filter(keep)
+
+    def _observe_tokens(self, outcome: StepOutcome) -> None:
+        if self.observer is None:
+            return
+        now = time.perf_counter()
+        for state, event in outcome.events:
+            if not event.token_ids:
+                continue
+            if state.last_token_time is None:
+                self._safe(self.observer.on_first_token, state.request_id, now - state.arrival)
+            else:
+                self._safe(self.observer.on_token, state.request_id, now - state.last_token_time)
+            state.last_token_time = now
+
+    def _on_edit(self, layer: int, tokens: int) -> None:
+        if self.observer is not None:
+            self._safe(self.observer.on_edit, layer, tokens)
+
+    def _fail_all(self, batch: Batch | None, error: BaseException) -> None:
+        with self._lock:
+            pending = list(self._waiting)
+            self._waiting.clear()
+        states = pending + (list(batch.requests) if batch is not None else [])
+        events = [(s, EngineEvent(error=error)) for s in states if not s.done]
+        for state, _ in events:
+            state.done = True
+        self._deliver(events)
+
+    @staticmethod
+    def _safe(hook: Any, *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("engine observer hook %s failed", getattr(hook, "__name__", hook))
+
+    @staticmethod
+    def _deliver(events: Sequence[tuple[RequestState, EngineEvent]]) -> None:
+        """Hand events to their consumers: one ``call_soon_threadsafe`` per event loop, not per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestState, EngineEvent]]] = {}
+        for state, event in events:
+            by_loop.setdefault(state.loop, []).append((state, event))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[RequestState, EngineEvent]]) -> None:
+    for state, event in items:
+        state.queue.put_nowait(event)
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    generation_config = getattr(loaded.model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(x) for x in configured)
+    return frozenset(ids)

@@ -1,0 +1,147 @@
+"""A left-padded, growable KV cache for a batch of sequences, pluggable into stock transformers models.
+
+Every row of the batch shares one column count ``length`` (TGI's left-padded layout): row ``i`` holds its tokens
+in the last ``length - pad[i]`` columns and zeros in the first ``pad[i]`` (masked out by the engine's attention
+mask). Each decode step appends one column for every row, so ``pad`` stays constant between batch changes.
+
+Unlike ``DynamicCache`` (which concatenates, i.e. copies the whole cache, on every step), each layer keeps a
+preallocated buffer (B, H_kv, capacity, D) and writes the new column in place; attention reads the view
+``[:, :, :length]``. The buffer grows by chunks when full, and is rebuilt only when rows leave (:meth:`filter`) or
+join (:meth:`concatenate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+GROWTH_CHUNK = 64  # columns added when a buffer is full (amortises the copy over many steps)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // GROWTH_CHUNK) * GROWTH_CHUNK
+
+
+class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """One decoder layer's keys and values: buffers (B, H_kv, capacity, D), the first ``length`` columns used."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def _reserve(self, needed: int, like_k: Tensor, like_v: Tensor) -> None:
+        if self.keys is not None and needed <= self.capacity:
+            return
+        batch, heads = like_k.shape[:2]
+        cap = _round_up(max(needed, self.capacity + self.capacity // 2))
+        keys = like_k.new_empty((batch, heads, cap, like_k.shape[-1]))  # (B, H_kv, cap, D)
+        values = like_v.new_empty((batch, heads, cap, like_v.shape[-1]))
+        if self.keys is not None and self.values is not None and self.length:
+            keys[:, :, : self.length] = self.keys[:, :, : self.length]
+            values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Append ``key_states`` (B, H_kv, T, D) and return the used views (B, H_kv, length, D)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        self._reserve(self.length + t, key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        self.keys[:, :, self.length : self.length + t] = key_states
+        self.values[:, :, self.length : self.length + t] = value_states
+        self.length += t
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else self.length
+
+    def used(self) -> tuple[Tensor, Tensor]:
+        assert self.keys is not None and self.values is not None
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def set_used(self, keys: Tensor, values: Tensor, spare: int) -> None:
+        """Replace the contents with ``keys``/``values`` (B, H_kv, L, D), leaving ``spare`` free columns."""
+        batch, heads, length, dim = keys.shape
+        cap = _round_up(length + max(spare, 1))
+        self.keys = keys.new_empty((batch, heads, cap, dim))
+        self.values = values.new_empty((batch, heads, cap, values.shape[-1]))
+        self.keys[:, :, :length] = keys
+        self.values[:, :, :length] = values
+        self.length = length
+        self.is_initialized = True
+        self.device = keys.device
+
+
+class BatchKVCache(Cache):
+    """The KV cache of one engine batch; all layers hold the same ``length`` columns."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[GrowableLayer() for _ in range(num_layers)])
+
+    @property
+    def growable_layers(self) -> list[GrowableLayer]:
+        return [layer for layer in self.layers if isinstance(layer, GrowableLayer)]
+
+    @property
+    def length(self) -> int:
+        return self.growable_layers[0].length if self.layers else 0
+
+    @property
+    def batch_size(self) -> int:
+        keys = self.growable_layers[0].keys
+        return 0 if keys is None else int(keys.shape[0])
+
+    def select(self, rows: Tensor, drop_columns: int, spare: int) -> BatchKVCache:
+        """A new cache with ``rows`` (n,) long, without the first ``drop_columns`` columns (padding no kept row
+        uses) and ``spare`` free columns; ``self`` is left unchanged."""
+        out = BatchKVCache(len(self.layers))
+        for mine, theirs in zip(self.growable_layers, out.growable_layers, strict=True):
+            keys, values = mine.used()
+            theirs.set_used(
+                keys[:, :, drop_columns:].index_select(0, rows),  # (n, H_kv, L - drop, D)
+                values[:, :, drop_columns:].index_select(0, rows),
+                spare,
+            )
+        return out
+
+    @classmethod
+    def concatenate(cls, caches: Sequence[BatchKVCache], spare: int) -> BatchKVCache:
+        """Stack the rows of ``caches`` into one cache, left-padding each to the longest ``length`` with zeros.
+
+        Zeros (not garbage) matter: padded columns are masked, but 0 × NaN would still poison attention.
+        """
+        num_layers = len(caches[0].layers)
+        length = max(c.length for c in caches)
+        out = cls(num_layers)
+        for index in range(num_layers):
+            parts_k: list[Tensor] = []
+            parts_v: list[Tensor] = []
+            for cache in caches:
+                keys, values = cache.growable_layers[index].used()  # (b, H_kv, l, D)
+                missing = length - keys.shape[2]
+                if missing:
+                    keys = torch.nn.functional.pad(keys, (0, 0, missing, 0))
+                    values = torch.nn.functional.pad(values, (0, 0, missing, 0))
+                parts_k.append(keys)
+                parts_v.append(values)
+            out.growable_layers[index].set_used(torch.cat(parts_k), torch.cat(parts_v), spare)
+        return out

@@ -1,0 +1,384 @@
+"""Forward passes and token selection for the engine thread: prefill newcomers, decode a batch one step.
+
+Everything here runs on the engine thread under ``torch.inference_mode()``. One host sync per step: the chosen
+tokens (and the logprob tensors computed alongside them) are copied to the host once, after all tensor work.
+Failures are contained: a forward or a token selection that raises is retried row by row, and only the rows
+that fail again are failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hpr.editing import EditPlan, HPREditor
+from server.engine.batch import Batch, EngineEvent, PrefillInputs, RequestState
+from server.engine.kv_cache import BatchKVCache
+from server.engine.sampling import SamplingState, process_logits, sample
+from server.engine.types import FinishReason
+
+log = logging.getLogger(__name__)
+
+PROMPT_LOGPROB_CHUNK = 256  # positions projected onto the vocabulary at a time when scoring a prompt
+
+
+@dataclass
+class StepOutcome:
+    """What one prefill or decode produced: the batch to keep decoding, and the events to deliver."""
+
+    batch: Batch | None
+    events: list[tuple[RequestState, EngineEvent]]
+    finished: list[RequestState]
+
+
+@dataclass
+class _Selection:
+    tokens: list[int]  # (B,) chosen token per row (-1 where the row failed)
+    logprobs: dict[int, tuple[float, list[tuple[int, float]]]]  # row -> (chosen logprob, top alternatives)
+    failed: dict[int, BaseException]
+
+
+class ModelRunner:
+    """Runs the model for the engine. ``on_edit(layer, tokens)`` is called once per edited layer and forward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        editor: HPREditor,
+        pad_id: int,
+        vocab_size: int,
+        on_edit: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.editor = editor
+        self.pad_id = pad_id
+        self.vocab_size = vocab_size
+        self.num_layers = editor.num_layers
+        self.device = next(model.parameters()).device
+        self.on_edit = on_edit
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"the engine needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
+        self._additive_mask = impl == "eager"
+        self._dtype = next(model.parameters()).dtype
+
+    # ---- forward passes -------------------------------------------------------------------------------------
+    def _mask(self, mask: Tensor) -> Tensor:
+        """Bool (…, q, k) mask as the attention implementation wants it (eager adds a float mask)."""
+        if not self._additive_mask:
+            return mask
+        return torch.zeros(mask.shape, dtype=self._dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(self._dtype).min
+        )
+
+    def _forward(
+        self, ids: Tensor, positions: Tensor, mask: Tensor, cache: BatchKVCache, plan: EditPlan | None
+    ) -> Tensor:
+        """Last-position logits (B, V) float32 for ``ids`` (B, T) appended to ``cache``."""
+        with self.editor.apply(plan):
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=self._mask(mask),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        logits: Tensor = out.logits[:, -1, :].float()
+        return logits
+
+    # ---- prefill --------------------------------------------------------------------------------------------
+    def prefill(self, states: Sequence[RequestState]) -> StepOutcome:
+        """Prefill ``states`` together; if that fails, one by one, failing only those that fail alone."""
+        try:
+            return self._prefill(states)
+        except Exception as exc:
+            if len(states) == 1:
+                log.exception("prefill failed for request %s", states[0].request_id)
+                return StepOutcome(None, [(states[0], EngineEvent(error=exc))], [states[0]])
+        outcomes = [self.prefill([s]) for s in states]
+        batches = [o.batch for o in outcomes if o.batch is not None]
+        return StepOutcome(
+            Batch.concatenate(batches) if batches else None,
+            [e for o in outcomes for e in o.events],
+            [f for o in outcomes for f in o.finished],
+        )
+
+    def _prefill(self, states: Sequence[RequestState]) -> StepOutcome:
+        prompts = [s.request.prompt_ids for s in states]
+        inputs = PrefillInputs.build(prompts, self.pad_id, self.device)
+        plan = inputs.edit_plan(states)
+        cache = BatchKVCache(self.num_layers)
+        want_prompt_logprobs = [s.request.sampling.prompt_logprobs for s in states]
+        captured: dict[str, Tensor] = {}
+        handle = None
+        if any(want_prompt_logprobs):
+            handle = self._decoder().register_forward_hook(_capture_last_hidden(captured))
+        try:
+            logits = self._forward(inputs.input_ids, inputs.position_ids, inputs.attention_mask, cache, plan)  # (N, V)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if plan is not None:
+            self._report_prefill_edits(states, plan)
+        sampling = SamplingState.build(
+            [s.request.sampling for s in states],
+            [s.generator for s in states],
+            prompts,
+            self.vocab_size,
+            self.device,
+        )
+        batch = Batch(requests=list(states), cache=cache, pad=inputs.pad, next_tokens=inputs.pad, sampling=sampling)
+        if plan is not None and plan.stats is not None:
+            for row, state in enumerate(states):
+                if state.request.return_stats:
+                    state.add_stats(plan.stats[row])
+        prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]] | None]] = {}
+        for row, state in enumerate(states):
+            if want_prompt_logprobs[row]:
+                hidden = captured["hidden"][row, int(inputs.pad[row]) :]  # (T_i, h)
+                prompt_logprobs[row] = self._prompt_logprobs(hidden, state)
+        scoring_only = [s.max_new_tokens == 0 for s in states]
+        return self._finish_step(batch, logits, prompt_logprobs, skip_rows=scoring_only)
+
+    def _decoder(self) -> nn.Module:
+        get_decoder = getattr(self.model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        if not isinstance(decoder, nn.Module):
+            raise ValueError("prompt logprobs need a model with get_decoder()")
+        return decoder
+
+    def _prompt_logprobs(
+        self, hidden: Tensor, state: RequestState
+    ) -> list[tuple[int, float, list[tuple[int, float]]] | None]:
+        """Log-probabilities of prompt tokens 1..T-1 given their prefix (raw model distribution), chunked."""
+        head = self.model.get_output_embeddings()  # type: ignore[operator]
+        ids = torch.tensor(state.request.prompt_ids, dtype=torch.long, device=hidden.device)
+        k = state.request.sampling.logprobs or 0
+        result: list[tuple[int, float, list[tuple[int, float]]] | None] = [None]
+        for start in range(0, hidden.shape[0] - 1, PROMPT_LOGPROB_CHUNK):
+            stop = min(start + PROMPT_LOGPROB_CHUNK, hidden.shape[0] - 1)
+            lp = torch.log_softmax(head(hidden[start:stop]).float(), dim=-1)  # (c, V)
+            targets = ids[start + 1 : stop + 1]
+            chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+            tops = torch.topk(lp, k, dim=-1) if k else None
+            top_ids = tops.indices.tolist() if tops is not None else [[] for _ in chosen]
+            top_lps = tops.values.tolist() if tops is not None else [[] for _ in chosen]
+            for j, value in enumerate(chosen):
+                result.append((int(targets[j]), value, list(zip(top_ids[j], top_lps[j], strict=True))))
+        return result
+
+    def _report_prefill_edits(self, states: Sequence[RequestState], plan: EditPlan) -> None:
+        if self.on_edit is None:
+            return
+        per_layer: dict[int, int] = {}
+        for state in states:
+            spec = state.request.edit
+            if spec is None or spec.is_noop:
+                continue
+            tokens = state.prompt_len if spec.scope == "all" else 1
+            for layer in spec.layers:
+                per_layer[layer] = per_layer.get(layer, 0) + tokens
+        for layer, tokens in sorted(per_layer.items()):
+            self.on_edit(layer, tokens)
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    def decode(self, batch: Batch) -> StepOutcome:
+        """One forward pass over every row of ``batch``, then one token per row."""
+        try:
+            logits = self._decode_forward(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("decode failed for request %s", batch.requests[0].request_id)
+                return StepOutcome(None, [(batch.requests[0], EngineEvent(error=exc))], list(batch.requests))
+            return self._decode_isolating(batch, exc)
+        return self._finish_step(batch, logits, {}, skip_rows=None)
+
+    def _decode_forward(self, batch: Batch) -> Tensor:
+        plan = batch.decode_plan()
+        length = batch.length
+        try:
+            logits = self._forward(
+                batch.next_tokens[:, None], batch.positions(), batch.attention_mask(), batch.cache, plan
+            )
+        except Exception:
+            for cache_layer in batch.cache.growable_layers:  # undo a partial append: the step never happened
+                cache_layer.length = length
+            raise
+        if self.on_edit is not None and plan is not None:
+            for layer, rows in batch.edited_rows_per_layer().items():
+                self.on_edit(layer, rows)
+        return logits
+
+    def _decode_isolating(self, batch: Batch, error: Exception) -> StepOutcome:
+        """The batched forward failed: run each row alone (on a copy), fail those that fail, decode the rest."""
+        events: list[tuple[RequestState, EngineEvent]] = []
+        good: list[int] = []
+        for row, state in enumerate(batch.requests):
+            single = batch.filter([row])
+            assert single is not None
+            try:
+                self._decode_forward(single)
+                good.append(row)
+            except Exception as exc:
+                log.exception("decode failed for request %s", state.request_id)
+                events.append((state, EngineEvent(error=exc)))
+        if len(good) == len(batch):  # fails only together: nothing to blame on one row
+            log.error("batched decode failed but every row succeeds alone: failing the batch: %r", error)
+            return StepOutcome(None, [(s, EngineEvent(error=error)) for s in batch.requests], list(batch.requests))
+        failed = [state for row, state in enumerate(batch.requests) if row not in good]
+        rest = batch.filter(good)
+        if rest is None:
+            return StepOutcome(None, events, failed)
+        outcome = self.decode(rest)
+        return StepOutcome(outcome.batch, events + outcome.events, failed + outcome.finished)
+
+    # ---- token selection and events -------------------------------------------------------------------------
+    def _select(self, logits: Tensor, sampling: SamplingState, want: list[int]) -> tuple[Tensor, Tensor | None]:
+        processed = process_logits(logits, sampling)  # (B, V)
+        tokens = sample(processed, sampling)  # (B,)
+        logprobs = None
+        if want:
+            logprobs = torch.log_softmax(processed.index_select(0, torch.tensor(want, device=logits.device)), dim=-1)
+        return tokens, logprobs
+
+    def _select_all(self, logits: Tensor, sampling: SamplingState) -> _Selection:
+        """Tokens (and logprobs) for every row; on failure, row by row so a bad row fails alone."""
+        want = [i for i, p in enumerate(sampling.params) if p.logprobs is not None]
+        try:
+            tokens, logprobs = self._select(logits, sampling, want)
+            sampling.record(tokens)
+            return self._to_host(tokens, logprobs, want, sampling, {})
+        except Exception:
+            log.warning("batched token selection failed; retrying row by row", exc_info=True)
+        failed: dict[int, BaseException] = {}
+        token_list: list[Tensor] = []
+        rows_lp: list[Tensor] = []
+        for row in range(logits.shape[0]):
+            single = sampling.filter(torch.tensor([row], device=logits.device), [row])
+            try:
+                tok, lp = self._select(logits[row : row + 1], single, [0] if row in want else [])
+                token_list.append(tok)
+                if lp is not None:
+                    rows_lp.append(lp)
+            except Exception as exc:
+                log.exception("token selection failed for row %d", row)
+                failed[row] = exc
+                token_list.append(torch.full((1,), -1, dtype=torch.long, device=logits.device))
+        tokens = torch.cat(token_list)
+        ok_want = [i for i in want if i not in failed]
+        logprobs = torch.cat(rows_lp) if rows_lp else None
+        sampling.record(tokens.clamp_min(0))
+        return self._to_host(tokens, logprobs, ok_want, sampling, failed)
+
+    def _to_host(
+        self,
+        tokens: Tensor,
+        logprobs: Tensor | None,
+        want: list[int],
+        sampling: SamplingState,
+        failed: dict[int, BaseException],
+    ) -> _Selection:
+        result: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if logprobs is not None and want:
+            index = torch.tensor(want, device=tokens.device)
+            chosen = logprobs.gather(1, tokens.index_select(0, index).clamp_min(0)[:, None]).squeeze(1)  # (n,)
+            k_max = max(sampling.params[i].logprobs or 0 for i in want)
+            top = torch.topk(logprobs, k_max, dim=-1) if k_max else None
+            chosen_list = chosen.tolist()
+            top_ids = top.indices.tolist() if top is not None else None
+            top_values = top.values.tolist() if top is not None else None
+            for j, row in enumerate(want):
+                k = sampling.params[row].logprobs or 0
+                alternatives = (
+                    list(zip(top_ids[j][:k], top_values[j][:k], strict=True)) if top_ids and top_values else []
+                )
+                result[row] = (chosen_list[j], alternatives)
+        return _Selection(tokens=tokens.tolist(), logprobs=result, failed=failed)
+
+    def _finish_step(
+        self,
+        batch: Batch,
+        logits: Tensor,
+        prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]] | None]],
+        skip_rows: list[bool] | None,
+    ) -> StepOutcome:
+        """Choose tokens, build each row's event, and filter out the rows that are done."""
+        selection = self._select_all(logits, batch.sampling)
+        events: list[tuple[RequestState, EngineEvent]] = []
+        keep: list[int] = []
+        finished: list[RequestState] = []
+        for row, state in enumerate(batch.requests):
+            try:
+                event = self._row_event(batch, row, state, selection, prompt_logprobs.get(row), skip_rows)
+            except Exception as exc:
+                log.exception("request %s failed", state.request_id)
+                event = EngineEvent(error=exc)
+            events.append((state, event))
+            if event.finish_reason is not None or event.error is not None:
+                finished.append(state)
+            else:
+                keep.append(row)
+        batch.next_tokens = torch.tensor(selection.tokens, dtype=torch.long, device=self.device).clamp_min(0)
+        return StepOutcome(batch.filter(keep), events, finished)
+
+    def _row_event(
+        self,
+        batch: Batch,
+        row: int,
+        state: RequestState,
+        selection: _Selection,
+        prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]] | None] | None,
+        skip_rows: list[bool] | None,
+    ) -> EngineEvent:
+        if row in selection.failed:
+            return EngineEvent(error=selection.failed[row])
+        event = EngineEvent(prompt_logprobs=prompt_logprobs)
+        finish: FinishReason | None = None
+        if skip_rows is not None and skip_rows[row]:
+            finish = "length"  # max_tokens 0: the prompt was scored, nothing is generated
+        else:
+            token = selection.tokens[row]
+            state.generated.append(token)
+            event.token_ids = [token]
+            if row in selection.logprobs:
+                value, top = selection.logprobs[row]
+                event.logprobs = [(token, value, top)]
+            if token in state.stop_ids:
+                finish = "stop"
+            elif len(state.generated) >= state.max_new_tokens:
+                finish = "length"
+        if finish is not None:
+            event.finish_reason = finish
+            if state.request.return_stats:
+                event.edit_stats = stats_dict(batch.row_stats(row), state)
+        return event
+
+
+def stats_dict(stats: Tensor | None, state: RequestState) -> dict[int, tuple[int, int, float]]:
+    """(num_layers, 3) accumulators → {layer: (tokens, rotated, angle sum)} for the request's edited layers."""
+    spec = state.request.edit
+    if spec is None or spec.is_noop:
+        return {}
+    values = stats.tolist() if stats is not None else None
+    out: dict[int, tuple[int, int, float]] = {}
+    for layer in spec.layers:
+        tokens, rotated, angle = values[layer] if values is not None else (0.0, 0.0, 0.0)
+        out[layer] = (round(tokens), round(rotated), float(angle))
+    return out
+
+
+def _capture_last_hidden(store: dict[str, Tensor]) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None and isinstance(output, tuple):
+            hidden = output[0]
+        if isinstance(hidden, Tensor):
+            store["hidden"] = hidden
+
+    return hook

@@ -1,0 +1,75 @@
+"""Engine fixtures: the tiny llama + tiny tokenizer in memory, an editor with two random adapters, a runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from hpr.editing import HPREditor
+from hpr.model import LoadedModel
+from server.engine.engine import Engine
+from server.engine.types import GenerationOutput, GenerationRequest
+from tests.conftest import make_random_adapter, make_tiny_llama
+from tests.server.conftest import make_tiny_tokenizer
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded() -> LoadedModel:
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(seed=0, vocab=len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id="tiny-llama",
+        source="memory",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_editor(tiny_loaded: LoadedModel) -> HPREditor:
+    """Adapters ``tiny`` (seed 0) and ``other`` (seed 1), both trained on layers 0-3, selected 0-1."""
+    return HPREditor(tiny_loaded.model, {"tiny": make_random_adapter(seed=0), "other": make_random_adapter(seed=1)})
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> list[GenerationOutput]:
+    return [out async for out in engine.generate(request)]
+
+
+def joined(outputs: list[GenerationOutput]) -> tuple[list[int], str]:
+    return [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs)
+
+
+@pytest.fixture
+def make_engine(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> Callable[..., Any]:
+    """``async with make_engine(**kwargs) as engine``: a started engine, stopped on exit."""
+
+    class _Ctx:
+        def __init__(self, **kwargs: Any) -> None:
+            self.engine = Engine(tiny_loaded, tiny_editor, **kwargs)
+
+        async def __aenter__(self) -> Engine:
+            self.engine.start()
+            return self.engine
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self.engine.stop(drain_timeout=10)
+
+    return _Ctx
+
+
+async def aiter_outputs(it: AsyncIterator[GenerationOutput]) -> list[GenerationOutput]:
+    return [o async for o in it]
