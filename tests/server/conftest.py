@@ -7,6 +7,7 @@ tiny random llama from ``tests/conftest.py`` with ``vocab_size == len(tokenizer)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,4 +68,15 @@ def tiny_settings(tiny_model_dir: Path, tiny_adapter_dir: Path) -> Any:
     """Settings for a server over the tiny model with the adapter ``tiny`` (fp32, CPU)."""
     from server.settings import ServerSettings
 
-    return ServerSettings(model=str(tiny_model_dir), adapter=[f"tiny={tiny_adapter_dir}"], device="cpu", dtype="float32")
+    adapters = [f"tiny={tiny_adapter_dir}"]
+    return ServerSettings(model=str(tiny_model_dir), adapter=adapters, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def fake_server(tiny_settings: Any) -> Iterator[Any]:
+    """A live server (real HTTP) over the tiny model with the scripted :class:`FakeEngine`."""
+    from tests.server.fake_engine import FakeEngine
+    from tests.server.live_server import run_server
+
+    with run_server(tiny_settings, FakeEngine) as live:
+        yield live

@@ -1,0 +1,96 @@
+"""Per-request editing over the API: which edit reaches the engine, and what the response reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.test_errors import assert_envelope
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(live: Any, **body: Any) -> httpx.Response:
+    return httpx.post(live.api_base + "/chat/completions", json={"messages": USER, "max_tokens": 3, **body}, timeout=30)
+
+
+def last_request(live: Any) -> Any:
+    return live.engine.requests[-1]
+
+
+def test_base_model_means_no_edit(fake_server: Any) -> None:
+    response = chat(fake_server, model="tiny-llama")
+    assert response.status_code == 200
+    assert response.json()["hpr"] is None
+    assert last_request(fake_server).edit is None
+
+
+def test_model_omitted_means_the_base_model(fake_server: Any) -> None:
+    response = chat(fake_server)
+    assert response.status_code == 200 and response.json()["model"] == "tiny-llama"
+    assert last_request(fake_server).edit is None
+
+
+def test_adapter_as_model_edits_its_selected_layers(fake_server: Any) -> None:
+    body = chat(fake_server, model="tiny").json()
+    assert body["hpr"] == {"adapter": "tiny", "layers": [0, 1], "alpha": 1.0, "scope": "all"}
+    edit = last_request(fake_server).edit
+    assert (edit.adapter, edit.layers, edit.alpha, edit.scope) == ("tiny", (0, 1), 1.0, "all")
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [("selected", [0, 1]), ("all", [0, 1, 2, 3]), ("none", []), ([3, 1], [1, 3]), ("1-2,3", [1, 2, 3]), ("2", [2])],
+)
+def test_layer_specs(fake_server: Any, layers: Any, expected: list[int]) -> None:
+    body = chat(fake_server, model="tiny-llama", hpr={"adapter": "tiny", "layers": layers, "alpha": 0.5}).json()
+    assert body["hpr"]["layers"] == expected
+    assert body["hpr"]["alpha"] == 0.5
+    assert list(last_request(fake_server).edit.layers) == expected
+
+
+def test_hpr_fields_apply_to_the_model_adapter(fake_server: Any) -> None:
+    body = chat(fake_server, model="tiny", hpr={"layers": "all", "alpha": 2, "scope": "generated"}).json()
+    assert body["hpr"] == {"adapter": "tiny", "layers": [0, 1, 2, 3], "alpha": 2.0, "scope": "generated"}
+
+
+def test_model_and_hpr_adapter_must_agree(fake_server: Any) -> None:
+    assert chat(fake_server, model="tiny", hpr={"adapter": "tiny"}).status_code == 200
+    response = chat(fake_server, model="tiny", hpr={"adapter": "other"})
+    assert_envelope(response, 400, "hpr.adapter", "conflicting_adapter")
+
+
+def test_hpr_without_any_adapter_is_400(fake_server: Any) -> None:
+    assert_envelope(chat(fake_server, hpr={"layers": "all"}), 400, "hpr.adapter")
+    assert chat(fake_server, hpr={"layers": "none"}).json()["hpr"] is None
+
+
+def test_return_stats_reports_per_layer_stats_per_choice(fake_server: Any) -> None:
+    body = chat(fake_server, model="tiny", n=2, hpr={"layers": [1, 2], "return_stats": True}).json()
+    for choice in body["choices"]:
+        stats = choice["hpr_stats"]
+        assert set(stats) == {"1", "2"}
+        tokens = stats["1"]["tokens"]
+        assert stats["1"]["rotated"] == 1
+        assert stats["1"]["share_rotated"] == pytest.approx(1 / tokens)
+        assert stats["1"]["mean_angle"] == pytest.approx(0.25)
+    assert last_request(fake_server).return_stats
+
+
+def test_completions_take_the_same_hpr_extension(fake_server: Any) -> None:
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 2, "hpr": {"layers": [3], "alpha": 0}}
+    response = httpx.post(fake_server.api_base + "/completions", json=body, timeout=30).json()
+    assert response["hpr"] == {"adapter": "tiny", "layers": [3], "alpha": 0.0, "scope": "all"}
+
+
+def test_models_lists_adapters_with_parent_and_layers(fake_server: Any) -> None:
+    data = httpx.get(fake_server.api_base + "/models").json()["data"]
+    assert [m["id"] for m in data] == ["tiny-llama", "tiny"]
+    base, adapter = data
+    assert base["parent"] is None and base["max_model_len"] == 256
+    assert adapter["parent"] == "tiny-llama"
+    assert adapter["hpr"]["trained_layers"] == [0, 1, 2, 3]
+    assert adapter["hpr"]["selected_layers"] == [0, 1]
+    assert adapter["hpr"]["probe_accuracy"] == {"0": 0.5, "1": 0.6, "2": 0.7, "3": 0.8}
