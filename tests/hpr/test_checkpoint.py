@@ -62,3 +62,10 @@ def test_bad_directories_give_clear_errors(tmp_path: Path, damage: str) -> None:
         (ckpt / WEIGHTS_NAME).write_bytes((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
     with pytest.raises(CheckpointError, match=str(ckpt.name)):
         HPRAdapter.load(ckpt)
+
+
+def test_saved_files_are_readable_by_other_users(tmp_path: Path) -> None:
+    # A checkpoint written by one user (the trainer, often root) is read by another (the non-root server image).
+    path = make_random_adapter().save(tmp_path / "a")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (path / name).stat().st_mode & 0o044 == 0o044, name
