@@ -19,22 +19,31 @@ def _is_list(annotation: object) -> bool:
     )
 
 
+_METAVARS = {
+    "adapter": "NAME=PATH",
+    "api_key": "KEY",
+    "api_key_file": "FILE",
+    "cors_origin": "ORIGIN",
+    "model": "MODEL",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpr-serve",
         description="Serve an LLM, optionally edited by HPR adapters, behind an OpenAI-compatible API. "
         "Every flag can also be set as an environment variable HPR_<NAME> (e.g. HPR_MAX_BATCH_SIZE=16).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags fall through to the environment / defaults
     )
     for name, info in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=True)
         help_text = (info.description or "") + ("" if default in (None, []) else f" (default: {default})")
+        metavar = _METAVARS.get(name, name.upper())
         if _is_list(info.annotation):
-            parser.add_argument(flag, dest=name, action="append", metavar=name.upper(), help=help_text + " Repeatable.")
+            parser.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_text + " Repeatable.")
         else:
-            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+            parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
     return parser
 
 

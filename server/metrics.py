@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds. TTFT spans a queue wait + prefill; inter-token latency is one decode step (ms on a GPU, tens on a CPU).
@@ -21,6 +21,7 @@ class ServerMetrics:
     """All metrics of one server. Implements the engine's ``EngineObserver`` protocol (thread-safe)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series double the output and nobody graphs them
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

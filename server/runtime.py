@@ -102,7 +102,10 @@ def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Ru
     }
     editor = HPREditor(loaded.model, adapters)
     engine = engine_factory(loaded, editor, settings)
-    max_len = settings.max_model_len or loaded.max_context
+    max_len = min(settings.max_model_len or loaded.max_context, loaded.max_context)
+    if settings.max_model_len is not None and settings.max_model_len > loaded.max_context:
+        log.warning("--max-model-len %d exceeds the model's context %d: using %d", settings.max_model_len,
+                    loaded.max_context, max_len)  # fmt: skip
     log.info(
         "loaded %s (%d layers, hidden %d, %s on %s) and %d adapter(s) %s in %.1f s",
         loaded.model_id, loaded.num_layers, loaded.hidden_size, loaded.dtype, loaded.device, len(adapters),

@@ -42,7 +42,7 @@ class ServerSettings(BaseSettings):
     )
     adapter: StrList = Field(
         default_factory=list,
-        description="HPR adapter to load as NAME=PATH (or PATH: the name is the directory name); repeatable. "
+        description="HPR adapter to load as NAME=PATH (or PATH: the name is the directory name). "
         "Our checkpoint format or the seed's. Requests can only use adapters given here.",
     )
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
@@ -53,7 +53,7 @@ class ServerSettings(BaseSettings):
         default=None, ge=1, description="Context length (prompt + generated tokens); default: the model's own."
     )
     api_key: StrList = Field(
-        default_factory=list, description="Accepted API key (Bearer token); repeatable. None = no auth."
+        default_factory=list, description="Accepted API key (Bearer token). Without any key, no authentication."
     )
     api_key_file: Path | None = Field(
         default=None, description="File with one accepted API key per line ('#' comments)."
@@ -68,7 +68,7 @@ class ServerSettings(BaseSettings):
     )
     cors_origin: StrList = Field(
         default_factory=list,
-        description="Allowed CORS origin (e.g. https://app.example or *); repeatable. Off if unset.",
+        description="Allowed CORS origin (e.g. https://app.example or *). Off if unset.",
     )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body; past it: 413."
