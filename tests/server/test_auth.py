@@ -63,5 +63,5 @@ def test_key_matches() -> None:
 
 def test_unreadable_key_file_fails_at_startup(tmp_path: Path) -> None:
     settings = ServerSettings(api_key_file=tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="missing.txt"):
+    with pytest.raises(ValueError, match=r"missing\.txt"):
         settings.api_keys()
