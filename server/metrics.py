@@ -21,7 +21,7 @@ class ServerMetrics:
     """All metrics of one server. Implements the engine's ``EngineObserver`` protocol (thread-safe)."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # the *_created series double the output and nobody graphs them
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the output and nobody graphs them
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
