@@ -34,7 +34,7 @@ class EngineEvent:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: states live in sets and queues
 class RequestState:
     """One request as the engine thread sees it. ``cancelled`` is set by the consumer, read by the engine."""
 

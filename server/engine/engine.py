@@ -90,7 +90,7 @@ class Engine:
         self._token_text: dict[int, str] = {}
         self._lock = threading.Condition()
         self._waiting: deque[RequestState] = deque()
-        self._running: list[RequestState] = []
+        self._active: set[RequestState] = set()  # admitted (prefilled or being prefilled), not done
         self._thread: threading.Thread | None = None
         self._stopping = False  # refuse new requests, finish running ones
         self._abort = False  # fail running requests and exit
@@ -103,7 +103,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._active)
 
     @property
     def is_running(self) -> bool:
@@ -241,14 +241,12 @@ class Engine:
                         batch = self._admit(batch, newcomers)
                     if batch is not None:
                         batch = self._apply(self.runner.decode(batch), len(batch))
-                    self._running = list(batch.requests) if batch is not None else []
         except BaseException as exc:  # the loop itself broke: fail everyone rather than hang them
             log.exception("engine loop crashed")
             self._fail_all(batch, exc)
             raise
         finally:
             self._fail_all(batch, EngineStoppedError("the engine stopped"))
-            self._running = []
             self._exited.set()
 
     def _take_newcomers(self, room: int) -> list[RequestState]:
@@ -264,6 +262,7 @@ class Engine:
             if taken and longest_if * (len(taken) + 1) > self.max_prefill_tokens:
                 break
             taken.append(self._waiting.popleft())
+            self._active.add(head)
             longest = longest_if
         return taken
 
@@ -282,6 +281,7 @@ class Engine:
             self._observe_tokens(outcome)
         for state in outcome.finished:
             state.done = True
+            self._active.discard(state)
             if self.observer is not None:
                 self._safe(self.observer.on_finish, state.request_id, state.prompt_len, len(state.generated))
         self._deliver(outcome.events)
@@ -296,6 +296,7 @@ class Engine:
             if not state.cancelled:
                 continue
             state.done = True
+            self._active.discard(state)
             completion = state.completion_tokens_seen
             if completion is not None:  # stopped by a stop string: the consumer waits for this last event
                 stats = stats_dict(batch.row_stats(row), state) if state.request.return_stats else None
@@ -331,6 +332,7 @@ class Engine:
         events = [(s, EngineEvent(error=error)) for s in states if not s.done]
         for state, _ in events:
             state.done = True
+        self._active.clear()
         self._deliver(events)
 
     @staticmethod

@@ -1,0 +1,216 @@
+"""Batched serving gives every request exactly what it would get alone (issue 3 §8 exactness)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from hpr.editing import EditPlan, EditSpec, HPREditor
+from hpr.model import LoadedModel
+from server.engine.engine import Engine
+from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
+from tests.server.engine.conftest import collect, joined, run
+
+STEPS = 8
+TOL = 1e-4
+
+
+def reference(
+    loaded: LoadedModel, editor: HPREditor, prompt: list[int], spec: EditSpec | None, steps: int = STEPS
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with a plain HF forward over the whole sequence each step (no cache, no batch)."""
+    ids = list(prompt)
+    tokens: list[int] = []
+    logprobs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            plan = EditPlan(rows=[spec], prompt_lengths=[len(prompt)]) if spec is not None else None
+            with editor.apply(plan):
+                logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            token = int(lp.argmax())
+            tokens.append(token)
+            logprobs.append(lp)
+            ids.append(token)
+    return tokens, logprobs
+
+
+def greedy(request_id: str, prompt: list[int], edit: EditSpec | None, steps: int = STEPS) -> GenerationRequest:
+    sampling = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, logprobs=5)
+    return GenerationRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling, edit=edit)
+
+
+def assert_matches(outputs: list[GenerationOutput], expected: tuple[list[int], list[torch.Tensor]]) -> None:
+    tokens, _ = joined(outputs)
+    want_tokens, want_lps = expected
+    assert tokens == want_tokens
+    logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    assert len(logprobs) == len(want_lps)
+    for got, want in zip(logprobs, want_lps, strict=True):
+        assert abs(got.logprob - float(want[got.token_id])) < TOL
+        for token_id, _text, value in got.top:
+            assert abs(value - float(want[token_id])) < TOL
+
+
+def edit_cases(editor: HPREditor) -> list[EditSpec | None]:
+    return [
+        None,
+        editor.resolve("tiny", "selected"),
+        editor.resolve("tiny", "all"),
+        editor.resolve("tiny", [1, 3]),
+        editor.resolve("tiny", "all", alpha=0.5),
+        editor.resolve("tiny", "all", alpha=2.0),
+        editor.resolve("tiny", "all", scope="generated"),
+        editor.resolve("other", "0-2"),
+    ]
+
+
+def prompts_for(loaded: LoadedModel, n: int) -> list[list[int]]:
+    texts = ["Hi", "The cat sat on the mat.", "x", "Once upon a time, in a land far away", "1 2 3 4"]
+    return [loaded.tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
+
+
+def test_concurrent_requests_with_different_edits_match_each_alone(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+) -> None:
+    cases = edit_cases(tiny_editor)
+    prompts = prompts_for(tiny_loaded, len(cases))
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=16)
+        engine.start()
+        try:
+            return await asyncio.gather(
+                *(collect(engine, greedy(f"r{i}", p, e)) for i, (p, e) in enumerate(zip(prompts, cases, strict=True)))
+            )
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for prompt, spec, outputs in zip(prompts, cases, results, strict=True):
+        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec))
+
+
+def test_requests_joining_a_running_batch_match_each_alone(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
+    """Later arrivals are prefilled and concatenated into a batch with a longer (or shorter) cache."""
+    cases = edit_cases(tiny_editor)
+    prompts = prompts_for(tiny_loaded, len(cases))
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=16)
+        engine.start()
+        try:
+            tasks = []
+            for i, (prompt, spec) in enumerate(zip(prompts, cases, strict=True)):
+                tasks.append(asyncio.create_task(collect(engine, greedy(f"r{i}", prompt, spec, steps=STEPS + i))))
+                await asyncio.sleep(0.01 * (i % 3))  # join at different steps
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for i, (prompt, spec, outputs) in enumerate(zip(prompts, cases, results, strict=True)):
+        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=STEPS + i))
+
+
+def test_layers_none_equals_the_base_model(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
+    prompt = tiny_loaded.tokenizer.encode("The cat sat")
+    none_spec = tiny_editor.resolve("tiny", "none")
+    assert none_spec.is_noop
+
+    async def main() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor)
+        engine.start()
+        try:
+            return await asyncio.gather(
+                collect(engine, greedy("none", prompt, none_spec)),
+                collect(engine, greedy("edited", prompt, tiny_editor.resolve("tiny", "all"))),
+            )
+        finally:
+            await engine.stop()
+
+    with_none, edited = run(main())
+    base = reference(tiny_loaded, tiny_editor, prompt, None)
+    assert_matches(with_none, base)
+    assert joined(edited)[0] != base[0] or any(
+        abs(a.logprob - float(b[a.token_id])) > 1e-3
+        for a, b in zip([lp for o in edited for lp in o.logprobs or []], base[1], strict=True)
+    )
+
+
+def test_scope_generated_differs_from_all_only_where_it_should(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+) -> None:
+    """Scope ``generated`` leaves the prompt (but its last token) unedited: its prompt logprobs equal the base
+    model's; scope ``all`` changes them; both change the generated tokens' distribution."""
+    prompt = tiny_loaded.tokenizer.encode("Once upon a time")
+
+    def scoring(request_id: str, spec: EditSpec | None) -> GenerationRequest:
+        sampling = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=True)
+        return GenerationRequest(request_id, prompt, sampling, edit=spec)
+
+    async def main() -> tuple[list[GenerationOutput], list[GenerationOutput], list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor)
+        engine.start()
+        try:
+            return await asyncio.gather(
+                collect(engine, scoring("base", None)),
+                collect(engine, scoring("gen", tiny_editor.resolve("tiny", "all", scope="generated"))),
+                collect(engine, scoring("all", tiny_editor.resolve("tiny", "all", scope="all"))),
+            )
+        finally:
+            await engine.stop()
+
+    base, generated, everywhere = run(main())
+
+    def prompt_lps(outputs: list[GenerationOutput]) -> list[float]:
+        lps = outputs[0].prompt_logprobs
+        assert lps is not None and lps[0] is None and len(lps) == len(prompt)
+        return [lp.logprob for lp in lps[1:] if lp is not None]
+
+    assert max(abs(a - b) for a, b in zip(prompt_lps(base), prompt_lps(generated), strict=True)) < TOL
+    assert max(abs(a - b) for a, b in zip(prompt_lps(base), prompt_lps(everywhere), strict=True)) > 1e-3
+
+    def first_token_lp(outputs: list[GenerationOutput]) -> float:
+        lps = outputs[0].logprobs
+        assert lps
+        return lps[0].logprob
+
+    assert abs(first_token_lp(base) - first_token_lp(generated)) > 1e-4
+    assert abs(first_token_lp(generated) - first_token_lp(everywhere)) > 1e-4
+
+
+def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+) -> None:
+    prompt = tiny_loaded.tokenizer.encode("Tell me a story")
+
+    def sampled(request_id: str, seed: int, **kwargs: float) -> GenerationRequest:
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True, **kwargs)  # type: ignore[arg-type]
+        return GenerationRequest(request_id, prompt, params, edit=tiny_editor.resolve("tiny", "selected"))
+
+    async def alone(request: GenerationRequest) -> str:
+        engine = Engine(tiny_loaded, tiny_editor)
+        engine.start()
+        try:
+            return joined(await collect(engine, request))[1]
+        finally:
+            await engine.stop()
+
+    async def batched() -> list[str]:
+        engine = Engine(tiny_loaded, tiny_editor)
+        engine.start()
+        try:
+            requests = [sampled("a", 7), sampled("b", 7, top_p=0.9), sampled("c", 8, top_k=5)]
+            noise = [sampled(f"n{i}", i, min_p=0.05) for i in range(4)]
+            outs = await asyncio.gather(*(collect(engine, r) for r in [*noise[:2], *requests, *noise[2:]]))
+            return [joined(o)[1] for o in outs[2:5]]
+        finally:
+            await engine.stop()
+
+    in_batch = run(batched())
+    assert in_batch[0] == run(alone(sampled("a", 7)))
+    assert in_batch[1] == run(alone(sampled("b", 7, top_p=0.9)))
+    assert in_batch[2] == run(alone(sampled("c", 8, top_k=5)))
+    assert run(alone(sampled("d", 9))) != in_batch[0]  # another seed, another text
