@@ -1,0 +1,82 @@
+"""hpr-serve with the embedded SmolLM2-135M-Instruct over real HTTP and the openai SDK (skipped if not set up)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from hpr.errors import ModelLoadError
+from hpr.model import EMBEDDED_MODEL_ID, embedded_gguf_path
+from server.settings import ServerSettings
+from tests.conftest import make_random_adapter
+from tests.server.live_server import run_server
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    try:
+        embedded_gguf_path()
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    adapter = make_random_adapter(hidden=576, layers=30, trained=[10, 12, 14, 16, 18])
+    adapter.config.base_model = EMBEDDED_MODEL_ID
+    adapter_dir: Path = adapter.save(tmp_path_factory.mktemp("smol-adapter") / "truthful")
+    settings = ServerSettings(adapter=[f"truthful={adapter_dir}"], device="cpu", dtype="float32", max_batch_size=8)
+    with run_server(settings) as live:
+        yield live
+
+
+def test_models_list_the_base_and_the_adapter(smol_server: Any) -> None:
+    data = httpx.get(smol_server.api_base + "/models").json()["data"]
+    assert [m["id"] for m in data] == [EMBEDDED_MODEL_ID, "truthful"]
+    assert data[1]["parent"] == EMBEDDED_MODEL_ID and data[1]["hpr"]["selected_layers"] == [10, 12]
+    assert data[0]["max_model_len"] == 8192
+
+
+def test_chat_answers_and_streams_the_same_text(smol_server: Any) -> None:
+    client = openai.OpenAI(base_url=smol_server.api_base, api_key="x", max_retries=0)
+    response = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    text = response.choices[0].message.content or ""
+    assert "Paris" in text
+    stream = client.chat.completions.create(
+        model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12, temperature=0, stream=True  # type: ignore[arg-type]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+def test_edits_concurrently_equal_alone(smol_server: Any) -> None:
+    edits: list[dict[str, Any] | None] = [None, {"layers": "selected"}, {"layers": "all", "alpha": 0.5}]
+
+    def body(edit: dict[str, Any] | None) -> dict[str, Any]:
+        b: dict[str, Any] = {"model": "truthful" if edit else EMBEDDED_MODEL_ID, "prompt": "The moon is made of"}
+        b.update({"max_tokens": 8, "temperature": 0, "logprobs": 0, "ignore_eos": True})
+        return {**b, "hpr": edit} if edit else b
+
+    alone = [httpx.post(smol_server.api_base + "/completions", json=body(e), timeout=120).json() for e in edits]
+
+    async def together() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            rs = await asyncio.gather(*(client.post(smol_server.api_base + "/completions", json=body(e)) for e in edits))
+        return [r.json() for r in rs]
+
+    for a, t in zip(alone, asyncio.run(together()), strict=True):
+        assert t["choices"][0]["text"] == a["choices"][0]["text"]
+        la, lt = a["choices"][0]["logprobs"]["token_logprobs"], t["choices"][0]["logprobs"]["token_logprobs"]
+        assert lt == pytest.approx(la, abs=1e-4)
+    assert alone[2]["hpr"] == {"adapter": "truthful", "layers": [10, 12, 14, 16, 18], "alpha": 0.5, "scope": "all"}
+
+
+def test_scoring_two_answers_through_the_api(smol_server: Any) -> None:
+    def score(text: str) -> float:
+        body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
+        lp = httpx.post(smol_server.api_base + "/completions", json=body, timeout=120).json()["choices"][0]["logprobs"]
+        return float(sum(x for x in lp["token_logprobs"][1:]))
+
+    assert score("The capital of France is Paris.") > score("The capital of France is Banana.")
