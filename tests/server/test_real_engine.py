@@ -83,7 +83,11 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(real_server: Any) -> N
 def test_sdk_sync_async_and_streaming(real_server: Any) -> None:
     client = openai.OpenAI(base_url=real_server.api_base, api_key="x", max_retries=0)
     sync = client.chat.completions.create(
-        model="tiny", messages=USER, max_tokens=6, temperature=0, extra_body={"hpr": {"return_stats": True}}  # type: ignore[arg-type]
+        model="tiny",
+        messages=USER,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"hpr": {"return_stats": True}},  # type: ignore[arg-type]
     )
     assert sync.choices[0].finish_reason in ("stop", "length")
     stats = sync.choices[0].model_extra["hpr_stats"]  # type: ignore[index]

@@ -46,7 +46,11 @@ def test_chat_answers_and_streams_the_same_text(smol_server: Any) -> None:
     text = response.choices[0].message.content or ""
     assert "Paris" in text
     stream = client.chat.completions.create(
-        model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12, temperature=0, stream=True  # type: ignore[arg-type]
+        model=EMBEDDED_MODEL_ID,
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
@@ -63,7 +67,8 @@ def test_edits_concurrently_equal_alone(smol_server: Any) -> None:
 
     async def together() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(timeout=120) as client:
-            rs = await asyncio.gather(*(client.post(smol_server.api_base + "/completions", json=body(e)) for e in edits))
+            url = smol_server.api_base + "/completions"
+            rs = await asyncio.gather(*(client.post(url, json=body(e)) for e in edits))
         return [r.json() for r in rs]
 
     for a, t in zip(alone, asyncio.run(together()), strict=True):
