@@ -76,6 +76,7 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the output from other users (e.g. a container's)
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

@@ -1,0 +1,111 @@
+"""``hpr-train`` end to end on the tiny random llama: every stage, resume, bad input, --help."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from hpr.checkpoint import HPRAdapter
+from trainer.cli import build_parser, main
+
+
+def run_args(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--data-dir",
+        str(data),
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--top-k",
+        "2",
+        "--bootstrap",
+        "200",
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+def test_run_writes_checkpoint_eval_and_plot_then_resumes(tmp_path, tiny_model_dir, tiny_truthfulqa, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    assert main(run_args(out, tiny_model_dir, tiny_truthfulqa, "--format", "chat")) == 0
+    adapter = HPRAdapter.load(out / "checkpoint", hidden_size=64, num_layers=4)
+    assert adapter.config.layers == [0, 1, 2, 3] and len(adapter.config.selected_layers) == 2
+    assert set(adapter.config.probe_accuracy) == {0, 1, 2, 3}
+    assert (out / "checkpoint" / "probe_accuracy.png").is_file()
+    report = json.loads((out / "eval.json").read_text())
+    for metric in ("mc1", "mc2"):
+        assert {"base", "edited", "delta", "delta_ci95"} <= set(report[metric])
+    assert report["questions"] == 4 and len(report["per_question"]) == 4
+    assert report["edit"] == {"layers": adapter.config.selected_layers, "alpha": 1.0, "scope": "all"}
+    assert (out / "activations" / "train" / "manifest.json").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"}
+    stamps.pop(out / "data.json")
+    stamps.pop(out / "checkpoint" / "hpr_config.json")  # select rewrites it (same content)
+    stamps.pop(out / "checkpoint" / "hpr_model.safetensors")
+    capsys.readouterr()
+    assert main(run_args(out, tiny_model_dir, tiny_truthfulqa, "--format", "chat")) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing recomputed
+
+
+def test_same_seed_gives_the_same_checkpoint(tmp_path, tiny_model_dir, tiny_truthfulqa) -> None:  # type: ignore[no-untyped-def]
+    for name in ("a", "b"):
+        assert main(run_args(tmp_path / name, tiny_model_dir, tiny_truthfulqa, "--format", "mc")) == 0
+    a = (tmp_path / "a" / "checkpoint" / "hpr_model.safetensors").read_bytes()
+    b = (tmp_path / "b" / "checkpoint" / "hpr_model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_missing_data_is_a_clear_error(tmp_path, tiny_model_dir, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(run_args(tmp_path / "out", tiny_model_dir, tmp_path / "nowhere"))
+    assert code == 2
+    assert "nowhere/mc_task.json: file not found" in capsys.readouterr().err
+
+
+def test_stage_before_its_inputs_exist_says_what_to_run(tmp_path, tiny_model_dir, tiny_truthfulqa, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = run_args(tmp_path / "out", tiny_model_dir, tiny_truthfulqa)
+    args[0] = "fit"
+    assert main(args) == 2
+    assert "hpr-train extract" in capsys.readouterr().err
+
+
+def test_every_option_is_documented_in_help() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "stage")
+    for name, stage_parser in sub.choices.items():  # type: ignore[union-attr]
+        for action in stage_parser._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    assert set(sub.choices) == {"run", "data", "extract", "fit", "select", "eval"}  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(os.environ.get("HPR_SKIP_MODEL_TESTS") == "1", reason="model tests disabled")
+@pytest.mark.slow
+def test_smollm2_smoke_run_on_eight_questions(tmp_path, truthfulqa_dir) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "smoke"
+    code = main(
+        [
+            "run",
+            "--out",
+            str(out),
+            "--max-questions",
+            "8",
+            "--data-dir",
+            str(truthfulqa_dir),
+            "--no-progress",
+            "--bootstrap",
+            "500",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["questions"] == 8 and 0.0 <= report["mc2"]["base"] <= 1.0
+    adapter = HPRAdapter.load(out / "checkpoint", hidden_size=576, num_layers=30)
+    assert len(adapter.config.selected_layers) == 5
