@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import make_random_adapter
 from trainer.data import Question
-from trainer.evaluate import mc_metrics, paired_bootstrap_ci, score_edited, score_questions, summarize
+from trainer.evaluate import mc_metrics, paired_bootstrap_ci, score_edited, score_questions
 from trainer.prompts import qa_context
 
 Q = Question(0, "Is it?", ("Yes.", "Sure."), ("No.", "Never."), mc1_correct="Yes.", mc1_incorrect=("No.",))
