@@ -34,7 +34,7 @@ def _split_list(value: Any) -> Any:
 class ServerSettings(BaseSettings):
     """Everything ``hpr-serve`` can be told at startup (env prefix ``HPR_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="HPR_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="HPR_", extra="ignore", env_ignore_empty=True, frozen=True)
 
     model: str = Field(
         default=EMBEDDED_MODEL_ID,
