@@ -1,0 +1,428 @@
+"""Server-level benchmarks of issue 3 §9, side by side in ONE run.
+
+Starts, as subprocesses on 127.0.0.1: ``hpr-serve`` (with the bench adapter), ``transformers serve
+--continuous-batching`` on the same SmolLM2 weights, and the seed's generation path
+(``bench/seed_generation_server.py``). Then runs ``bench/load_generator.py`` (N concurrent streaming clients,
+fixed prompt and output lengths, greedy, ``ignore_eos``) against each configuration of each scenario,
+interleaved in ABBA order over ``--rounds`` so that load drifts on this shared machine hit every side alike;
+servers not being measured are paused (SIGSTOP). Prints one table per scenario (aggregate output tok/s,
+TTFT p50/p95, inter-token latency p50/p95, time per output token p50, the 1-minute load average around each
+run) and each target with its measured ratio.
+
+    .venv/bin/python bench/compare_servers.py                      # every scenario, ~15-25 min on 2 busy cores
+    .venv/bin/python bench/compare_servers.py --scenarios seed,batch1 --rounds 1
+    .venv/bin/python bench/compare_servers.py --quick              # smoke test: tiny lengths, one round
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load_generator
+from server_process import VENV_BIN, ServerProcess, bench_adapter, transformers_serve_model_dir
+
+ADAPTER = "bench"  # the adapter's id in hpr-serve and in the seed server
+
+
+@dataclass
+class Config:
+    """One measured configuration: a server, a `model`, optional `hpr` objects (round-robin) and extra fields."""
+
+    label: str
+    server: str
+    model: str
+    hpr_configs: list[dict[str, Any]] | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    ignore_eos: bool = True  # send the `ignore_eos` extension (transformers serve rejects it with a 422)
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    configs: list[Config]
+    concurrency: int
+    requests: int
+    prompt_tokens: int
+    max_tokens: int
+    targets: list[tuple[str, str, str, float]]  # (description, numerator label, denominator label, min ratio)
+
+
+def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, layers: list[int]) -> list[Scenario]:
+    """The §9 scenarios. ``layers``: the adapter's trained layers (for the 8 distinct configs)."""
+    q = args.quick
+    stream_len = dict(prompt_tokens=32 if q else 64, max_tokens=8 if q else args.max_tokens)
+    # transformers serve has no ignore_eos; a request-level generation config with an eos id never sampled does it
+    tserve_eos = {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
+    tserve = Config("transformers serve --cb", "tserve", tserve_model, extra_body=tserve_eos, ignore_eos=False)
+    hpr_base = Config("hpr-serve, no edit", "hpr", base)
+    top5 = Config("hpr-serve, HPR top-5 (selected)", "hpr", ADAPTER, [{"layers": "selected"}])
+    every = Config(f"hpr-serve, HPR all {len(layers)} layers", "hpr", ADAPTER, [{"layers": "all"}])
+    chunks = [layers[i : i + 5] for i in range(0, len(layers), 5)][:6]
+    distinct = [{"layers": chunk} for chunk in chunks] + [{"layers": "selected", "alpha": a} for a in (0.5, 1.5)]
+    c32 = 8 if q else 32
+    return [
+        Scenario(
+            "tserve",
+            f"hpr-serve vs transformers serve --continuous-batching, {c32} streams",
+            [tserve, hpr_base, top5],
+            c32,
+            2 * c32,
+            **stream_len,
+            targets=[
+                ("hpr-serve (no edit) / transformers serve ≥ 1.5", hpr_base.label, "transformers serve --cb", 1.5)
+            ],
+        ),
+        Scenario(
+            "edits",
+            f"HPR edit cost on hpr-serve, {c32} streams",
+            [hpr_base, top5, every],
+            c32,
+            2 * c32,
+            **stream_len,
+            targets=[
+                ("top-5 / no edit ≥ 0.98 (≤ 2 % cost)", top5.label, hpr_base.label, 0.98),
+                ("all layers / no edit ≥ 0.92 (≤ 8 % cost)", every.label, hpr_base.label, 0.92),
+            ],
+        ),
+        Scenario(
+            "mixed",
+            f"{len(distinct)} distinct edit configs vs one config among {c32} streams (5 layers each)",
+            [
+                Config("hpr-serve, one config (top-5)", "hpr", ADAPTER, [{"layers": "selected"}]),
+                Config(f"hpr-serve, {len(distinct)} distinct configs", "hpr", ADAPTER, distinct),
+            ],
+            c32,
+            2 * c32,
+            **stream_len,
+            targets=[
+                (
+                    f"{len(distinct)} configs / one config ≥ 0.95 (≤ 5 % cost)",
+                    f"hpr-serve, {len(distinct)} distinct configs",
+                    "hpr-serve, one config (top-5)",
+                    0.95,
+                )
+            ],
+        ),
+        Scenario(
+            "seed",
+            "hpr-serve vs the seed's generation path (no KV cache, h×h matrix, one at a time), 8 streams",
+            [
+                Config("seed path, HPR top-5", "seed", ADAPTER, extra_body={}),
+                Config(
+                    "hpr-serve, HPR top-5, scope generated",
+                    "hpr",
+                    ADAPTER,
+                    [{"layers": "selected", "scope": "generated"}],
+                ),
+            ],
+            8,
+            8,
+            prompt_tokens=32,
+            max_tokens=4 if q else args.seed_max_tokens,
+            targets=[
+                ("hpr-serve / seed path ≥ 20", "hpr-serve, HPR top-5, scope generated", "seed path, HPR top-5", 20.0)
+            ],
+        ),
+        Scenario(
+            "batch1",
+            "batch-1 decode (one stream; bound ≈ 34 tok/s fp32 here)",
+            [
+                hpr_base,
+                Config("hpr-serve, HPR top-5 (selected)", "hpr", ADAPTER, [{"layers": "selected"}]),
+                tserve,
+            ],
+            1,
+            2 if q else 3,
+            prompt_tokens=32,
+            max_tokens=16 if q else 128,
+            targets=[],
+        ),
+    ]
+
+
+def run_config(lg: Any, sc: Scenario, cfg: Config, server: ServerProcess, time_limit: float) -> dict[str, Any]:
+    """One load-generator run; ``extra_body`` is merged into every request body (thin wrapper, no fork)."""
+    argv = [
+        "--base-url",
+        server.base_url,
+        "--model",
+        cfg.model,
+        "--concurrency",
+        str(sc.concurrency),
+        "--requests",
+        str(sc.requests),
+        "--prompt-tokens",
+        str(sc.prompt_tokens),
+        "--max-tokens",
+        str(sc.max_tokens),
+        "--temperature",
+        "0",
+        "--warmup",
+        "1",
+        "--timeout",
+        str(time_limit),
+    ]
+    if cfg.hpr_configs:
+        argv += ["--hpr-configs", json.dumps(cfg.hpr_configs)]
+    if not cfg.ignore_eos:
+        argv.append("--no-ignore-eos")
+    args = lg.build_parser().parse_args(argv)
+    original = lg.build_body
+
+    def build_body(a: argparse.Namespace, prompt: str, hpr: dict[str, Any] | None) -> dict[str, Any]:
+        return {**original(a, prompt, hpr), **cfg.extra_body}
+
+    lg.build_body = build_body
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    try:
+        summary: dict[str, Any] = asyncio.run(asyncio.wait_for(lg.run(args), timeout=time_limit))
+    except TimeoutError:
+        summary = {"failed": sc.requests, "requests": sc.requests, "errors": [f"time limit {time_limit:.0f} s hit"]}
+    finally:
+        lg.build_body = original
+    summary.pop("args", None)
+    summary.pop("per_request", None)
+    summary.update(
+        label=cfg.label, load_before=load_before, load_after=os.getloadavg()[0], elapsed_s=time.monotonic() - started
+    )
+    return summary
+
+
+def _median(values: list[float]) -> float:
+    clean = [v for v in values if v == v]  # drop NaN
+    return statistics.median(clean) if clean else float("nan")
+
+
+def summarize(sc: Scenario, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for cfg in sc.configs:
+        rs = runs[cfg.label]
+        tps = [r.get("output_tok_per_s", float("nan")) for r in rs]
+        rows.append(
+            {
+                "label": cfg.label,
+                "tok_s": _median(tps),
+                "tok_s_runs": tps,
+                **{
+                    k: _median([r.get(k, float("nan")) for r in rs])
+                    for k in (
+                        "ttft_ms_p50",
+                        "ttft_ms_p95",
+                        "itl_ms_p50",
+                        "itl_ms_p95",
+                        "tpot_ms_p50",
+                        "output_tokens_mean",
+                        "prompt_tokens_mean",
+                    )
+                },
+                "failed": sum(int(r.get("failed", 0)) for r in rs),
+                "errors": sorted({e for r in rs for e in r.get("errors", [])}),
+                "load": [round(r["load_before"], 2) for r in rs] + [round(rs[-1]["load_after"], 2)] if rs else [],
+            }
+        )
+    by_label = {row["label"]: row for row in rows}
+    targets = []
+    for text, num, den, minimum in sc.targets:
+        ratio = by_label[num]["tok_s"] / by_label[den]["tok_s"] if by_label[den]["tok_s"] else float("nan")
+        targets.append({"target": text, "ratio": ratio, "met": ratio >= minimum})
+    return {
+        "name": sc.name,
+        "title": sc.title,
+        "concurrency": sc.concurrency,
+        "requests": sc.requests,
+        "prompt_tokens": sc.prompt_tokens,
+        "max_tokens": sc.max_tokens,
+        "rows": rows,
+        "targets": targets,
+    }
+
+
+def print_table(result: dict[str, Any], markdown: bool) -> None:
+    head = [
+        "configuration",
+        "tok/s",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "ITL p50 ms",
+        "ITL p95 ms",
+        "TPOT p50 ms",
+        "out tok/req",
+        "failed",
+        "load 1-min",
+    ]
+    print(f"\n## {result['title']}")
+    print(
+        f"concurrency {result['concurrency']}, {result['requests']} requests/run, prompt ≈ "
+        f"{_median([r['prompt_tokens_mean'] for r in result['rows']]):.0f} tok (chat template included), max_tokens "
+        f"{result['max_tokens']}, greedy; medians over rounds (tok/s of each round in the JSON)\n"
+    )
+    lines = [head] + [
+        [
+            r["label"],
+            f"{r['tok_s']:.1f}",
+            f"{r['ttft_ms_p50']:.0f}",
+            f"{r['ttft_ms_p95']:.0f}",
+            f"{r['itl_ms_p50']:.1f}",
+            f"{r['itl_ms_p95']:.1f}",
+            f"{r['tpot_ms_p50']:.1f}",
+            f"{r['output_tokens_mean']:.1f}",
+            str(r["failed"]),
+            "→".join(f"{x:.1f}" for x in r["load"]),
+        ]
+        for r in result["rows"]
+    ]
+    if markdown:
+        print("| " + " | ".join(lines[0]) + " |")
+        print("|" + "---|" * len(lines[0]))
+        for line in lines[1:]:
+            print("| " + " | ".join(line) + " |")
+    else:
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        for line in lines:
+            print(
+                "  ".join(
+                    cell.ljust(w) if i == 0 else cell.rjust(w)
+                    for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+                )
+            )
+    for row in result["rows"]:
+        for error in row["errors"]:
+            print(f"  error ({row['label']}): {error}")
+    for t in result["targets"]:
+        print(f"  target {t['target']}: measured {t['ratio']:.2f} → {'MET' if t['met'] else 'NOT met'}")
+    if result["name"] == "batch1":
+        for r in result["rows"]:
+            if r["tpot_ms_p50"] == r["tpot_ms_p50"] and r["tpot_ms_p50"] > 0:
+                print(f"  {r['label']}: decode {1000 / r['tpot_ms_p50']:.1f} tok/s (1000 / TPOT p50)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default="tserve,edits,mixed,seed,batch1", help="comma list of scenario names")
+    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds per scenario (each config once per round)")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request at 32 streams")
+    p.add_argument("--seed-max-tokens", type=int, default=16, help="output tokens per request, seed scenario")
+    p.add_argument("--adapter", default=None, help="adapter dir (default: runs/truthfulqa/checkpoint, else random)")
+    p.add_argument("--tserve-args", default="", help="extra flags for transformers serve, e.g. '--cb-num-blocks 64'")
+    p.add_argument("--time-limit", type=float, default=900.0, help="seconds per load-generator run")
+    p.add_argument("--quick", action="store_true", help="smoke test: 8 streams, short outputs, one round")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    p.add_argument("--json", dest="json_out", default=None, help="write all results to this JSON file")
+    p.add_argument("--log-dir", default=None, help="server logs (default: a temp dir)")
+    args = p.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+
+    work = Path(tempfile.mkdtemp(prefix="hpr-bench-"))
+    log_dir = Path(args.log_dir) if args.log_dir else work / "logs"
+    adapter_dir, adapter_note = bench_adapter(work, args.adapter)
+    from hpr.checkpoint import HPRAdapter
+
+    adapter_cfg = HPRAdapter.load(adapter_dir).config
+    tserve_dir = transformers_serve_model_dir(work)
+    base = "smollm2-135m-instruct"
+    scenarios = [s for s in build_scenarios(args, str(tserve_dir), base, adapter_cfg.layers) if s.name in wanted]
+    unknown = set(wanted) - {s.name for s in scenarios}
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}")
+    needed = {c.server for s in scenarios for c in s.configs}
+    servers = {
+        "hpr": ServerProcess(
+            "hpr-serve",
+            [
+                str(VENV_BIN / "hpr-serve"),
+                "--adapter",
+                f"{ADAPTER}={adapter_dir}",
+                "--port",
+                "{port}",
+                "--max-batch-size",
+                "32",
+                "--log-level",
+                "warning",
+            ],
+            log_dir,
+            base,
+        ),
+        "tserve": ServerProcess(
+            "transformers-serve",
+            [
+                str(VENV_BIN / "transformers"),
+                "serve",
+                "--continuous-batching",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--device",
+                "cpu",
+                *args.tserve_args.split(),
+                str(tserve_dir),
+            ],
+            log_dir,
+            str(tserve_dir),
+        ),
+        "seed": ServerProcess(
+            "seed-path",
+            [
+                sys.executable,
+                str(Path(__file__).with_name("seed_generation_server.py")),
+                "--adapter",
+                str(adapter_dir),
+                "--adapter-name",
+                ADAPTER,
+                "--port",
+                "{port}",
+            ],
+            log_dir,
+            base,
+        ),
+    }
+    print(f"adapter: {adapter_note}; trained layers {adapter_cfg.layers}, selected {adapter_cfg.selected_layers}")
+    print(f"logs: {log_dir}; load average at start: {os.getloadavg()}")
+    lg: Any = load_generator
+    results: list[dict[str, Any]] = []
+    try:
+        for key in needed:
+            servers[key].start()
+        for key in needed:
+            servers[key].wait_healthy(timeout=300)
+            servers[key].pause()
+        for sc in scenarios:
+            runs: dict[str, list[dict[str, Any]]] = {c.label: [] for c in sc.configs}
+            for r in range(rounds):
+                order = sc.configs if r % 2 == 0 else list(reversed(sc.configs))
+                for cfg in order:
+                    server = servers[cfg.server]
+                    server.resume()
+                    print(f"[{sc.name} round {r + 1}/{rounds}] {cfg.label} ...", flush=True)
+                    runs[cfg.label].append(run_config(lg, sc, cfg, server, args.time_limit))
+                    server.pause()
+            results.append(summarize(sc, runs))
+            print_table(results[-1], args.markdown)
+    finally:
+        for server in servers.values():
+            server.stop()
+    if args.json_out:
+        meta = {"adapter": adapter_note, "rounds": rounds, "cpu_count": os.cpu_count(), "finished": time.time()}
+        Path(args.json_out).write_text(json.dumps({"meta": meta, "scenarios": results}, indent=2) + "\n")
+    print("\n(all scenarios)")
+    for res in results:
+        print_table(res, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
