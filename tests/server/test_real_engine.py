@@ -36,7 +36,7 @@ def real_server(tiny_settings: ServerSettings) -> Any:
         yield live
 
 
-def greedy_body(hpr: dict[str, Any] | None, prompt: str = "Once upon", max_tokens: int = 12) -> dict[str, Any]:
+def greedy_body(hpr: dict[str, Any] | None, prompt: str = "Once upon", max_tokens: int = 6) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1}
     body["ignore_eos"] = True
     if hpr is not None:
