@@ -116,14 +116,18 @@ def validation_error(exc: RequestValidationError) -> APIError:
         detail = (first.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     loc = tuple(first.get("loc", ()))
-    if loc == ("body",) and first.get("type") == "missing":
-        return APIError(400, "the request needs a JSON body", code="invalid_json")
-    # Union types report one error per alternative; the first one's message is the most useful.
+    if loc == ("body",):
+        if first.get("type") == "missing":
+            return APIError(400, "the request needs a JSON body", code="invalid_json")
+        return APIError(400, "the request body must be a JSON object", code="invalid_json")
     param = _param_from_loc(loc)
-    message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid value"))
-    extra = len(errors) - 1
-    if extra and len({_param_from_loc(tuple(e.get("loc", ()))) for e in errors}) > 1:
-        message += f" (and {extra} more error{'s' if extra > 1 else ''})"
+    # A union field (e.g. `stop`, `hpr.layers`) reports one error per alternative: say them together.
+    same_field = [e for e in errors if _param_from_loc(tuple(e.get("loc", ()))) == param]
+    detail = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in same_field))
+    message = f"{param}: {detail}" if param else detail
+    others = len({_param_from_loc(tuple(e.get("loc", ()))) for e in errors} - {param})
+    if others:
+        message += f" (and {others} more invalid field{'s' if others > 1 else ''})"
     return APIError(400, message, param=param, code=str(first.get("type")) if first.get("type") else None)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class OpenAIModel(BaseModel):
@@ -25,7 +25,7 @@ class HPRRequest(OpenAIModel):
     adapter: str | None = Field(
         default=None, description="Adapter id to edit with. Default: the adapter named by `model`, if it names one."
     )
-    layers: str | list[int] = Field(
+    layers: str | list[StrictInt] = Field(
         default="selected",
         description="'selected' (the adapter's chosen layers), 'all' (every trained layer), 'none', "
         "a list of layer indices, or a string such as '10-14,20'.",
@@ -120,7 +120,7 @@ class ChatCompletionRequest(OpenAIModel):
     max_tokens: int | None = None
     n: int = Field(default=1, ge=1, le=64)
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -219,7 +219,7 @@ class CompletionRequest(OpenAIModel):
     max_tokens: int | None = 16
     n: int = Field(default=1, ge=1, le=64)
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

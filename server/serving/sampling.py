@@ -76,4 +76,5 @@ def for_choice(params: SamplingParams, choice: int) -> SamplingParams:
     """Choice ``i`` of a seeded request samples with ``seed + i``: reproducible, yet the choices differ."""
     if params.seed is None or choice == 0:
         return params
-    return dataclasses.replace(params, seed=params.seed + choice)
+    seed = (params.seed + choice + 2**63) % 2**64 - 2**63  # stays a signed 64-bit seed
+    return dataclasses.replace(params, seed=seed)

@@ -43,6 +43,12 @@ def test_missing_body_is_400(fake_server: Any) -> None:
     assert_envelope(post(fake_server, "/completions"), 400)
 
 
+@pytest.mark.parametrize("raw", [b"[]", b'"text"', b"null", b"3"])
+def test_body_that_is_not_an_object_is_400(fake_server: Any, raw: bytes) -> None:
+    response = post(fake_server, "/completions", content=raw, headers={"content-type": "application/json"})
+    assert "JSON object" in assert_envelope(response, 400, code="invalid_json")["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -55,6 +61,9 @@ def test_missing_body_is_400(fake_server: Any) -> None:
         ({"messages": USER, "stream": "sometimes"}, "stream"),
         ({"messages": USER, "hpr": {"adapter": "tiny", "layers": [1, "x"]}}, None),
         ({"messages": USER, "hpr": {"adapter": "tiny", "scope": "everywhere"}}, "hpr.scope"),
+        ({"messages": USER, "hpr": {"adapter": "tiny", "layers": [True]}}, None),
+        ({"messages": USER, "hpr": "tiny"}, "hpr"),
+        ({"messages": USER, "seed": 2**64}, "seed"),
     ],
 )
 def test_wrong_types_name_the_field(fake_server: Any, body: dict, param: str | None) -> None:
