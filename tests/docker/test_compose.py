@@ -1,4 +1,4 @@
-"""docker/compose.yaml, docker/nginx.conf and the Dockerfile agree: mounts, ports, profiles, the trained volume."""
+"""docker/compose.yaml, docker/Caddyfile and the Dockerfile agree: mounts, ports, profiles, the trained volume."""
 
 from __future__ import annotations
 
@@ -66,11 +66,12 @@ def test_gpu_profile_reserves_an_nvidia_gpu_for_the_cuda_image(services: dict[st
 
 
 def test_proxy_spreads_over_the_replicas(services: dict[str, Any]) -> None:
-    nginx = (REPO_ROOT / "docker" / "nginx.conf").read_text()
-    upstream = re.search(r"server (\S+):(\d+) resolve", nginx)
+    caddyfile = (REPO_ROOT / "docker" / "Caddyfile").read_text()
+    upstream = re.search(r"dynamic a \{\s*name (\S+)\s*port (\d+)", caddyfile)
     assert upstream and upstream.group(1) == "replica" and upstream.group(2) == dockerfile_env("HPR_PORT")
     proxy = services["proxy"]
+    assert "./Caddyfile:/etc/caddy/Caddyfile:ro" in proxy["volumes"]
     assert proxy["profiles"] == services["replica"]["profiles"] == ["scale"]
     assert proxy["depends_on"]["replica"]["condition"] == "service_healthy"
     assert "ports" not in services["replica"]  # only the proxy is published
-    assert "proxy_buffering off" in nginx  # streamed tokens are not held back
+    assert "flush_interval -1" in caddyfile  # streamed tokens are not held back
