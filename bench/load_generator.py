@@ -1,4 +1,4 @@
-"""Load generator for any OpenAI-compatible server: N concurrent streaming clients, fixed prompt and output lengths.
+r"""Load generator for any OpenAI-compatible server: N concurrent streaming clients, fixed prompt and output lengths.
 
 Prints aggregate generated tok/s, TTFT p50/p95, inter-token latency p50/p95 (gaps between streamed chunks) and
 time per output token (per request: (last − first chunk) / (tokens − 1)). Works against ``hpr-serve``, vLLM, or
@@ -9,6 +9,12 @@ the report shows the tokens actually generated).
         --prompt-tokens 128 --max-tokens 64
     # 8 distinct HPR edit configs spread over the streams (hpr-serve only):
     python bench/load_generator.py --model truthful --hpr-configs '[{"alpha": 0.5}, {"layers": "all"}]'
+
+``transformers serve`` refuses unknown fields (so no ``ignore_eos``) and ignores ``stream_options``; fix the output
+length through its ``generation_config`` field instead:
+
+    python bench/load_generator.py --base-url http://127.0.0.1:8001/v1 --model <path or hub id> --no-ignore-eos \
+        --extra-body '{"generation_config": "{\"min_new_tokens\": 64, \"max_new_tokens\": 64}"}'
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def build_body(args: argparse.Namespace, prompt: str, hpr: dict[str, Any] | None
         body["prompt"] = prompt
     if hpr is not None:
         body["hpr"] = hpr
+    body.update(args.extra_body_dict)
     return body
 
 
@@ -215,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Do not send the ignore_eos extension (then outputs may stop early at eos).",
     )  # fmt: skip
     p.add_argument("--hpr-configs", default=None, help="JSON list of `hpr` objects, assigned round-robin.")
+    p.add_argument("--extra-body", default=None, help="JSON object merged into every request body.")
     p.add_argument("--warmup", type=int, default=1, help="Sequential warm-up requests (not measured).")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds per request.")
@@ -229,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--concurrency and --max-tokens must be ≥ 1", file=sys.stderr)
         return 2
     args.requests = args.requests or 2 * args.concurrency
+    args.extra_body_dict = json.loads(args.extra_body) if args.extra_body else {}
     summary = asyncio.run(run(args))
     print_report(summary)
     if args.json_out:

@@ -34,7 +34,7 @@ def test_reports_throughput_and_latency(
     out = tmp_path / "summary.json"
     argv = ["--base-url", fake_server.api_base, "--model", "tiny", "--endpoint", endpoint, "--concurrency", "4",
             "--requests", "8", "--prompt-tokens", "10", "--max-tokens", "5", "--json", str(out),
-            "--hpr-configs", '[{"alpha": 0.5}, {"layers": "all"}]']  # fmt: skip
+            "--hpr-configs", '[{"alpha": 0.5}, {"layers": "all"}]', "--extra-body", '{"top_k": 3}']  # fmt: skip
     assert load_generator.main(argv) == 0
     report = capsys.readouterr().out
     assert "output tok/s" in report and "TTFT" in report and "inter-token" in report
@@ -42,8 +42,9 @@ def test_reports_throughput_and_latency(
     assert summary["failed"] == 0 and summary["requests"] == 8
     assert summary["output_tokens_mean"] == 5  # ignore_eos: the fake would otherwise stop after len(SCRIPT)
     assert summary["output_tok_per_s"] > 0 and not math.isnan(summary["ttft_ms_p95"])
-    alphas = {r.edit.alpha for r in fake_server.engine.requests[-8:]}
-    assert alphas == {0.5, 1.0}
+    requests = fake_server.engine.requests[-8:]
+    assert {r.edit.alpha for r in requests} == {0.5, 1.0}
+    assert {r.sampling.top_k for r in requests} == {3}
     assert len(SCRIPT) > 5
 
 
