@@ -29,9 +29,6 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("hpr_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("hpr_generation_tokens", "Generated tokens of finished requests.", registry=r)
-        self.finished = Counter(
-            "hpr_requests_finished", "Finished generations (one per choice) by finish reason.", ["reason"], registry=r
-        )
         self.queue_depth = Gauge("hpr_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.running = Gauge("hpr_running_requests", "Sequences in the running batch.", registry=r)
         self.step_batch_size = Histogram(

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from server.engine.types import GenerationRequest
+from server.engine.types import GenerationOutput, GenerationRequest
 from server.errors import APIError
 from server.protocol import (
     ChatCompletionChoice,
@@ -16,6 +16,7 @@ from server.protocol import (
     ChatCompletionResponse,
     ChatResponseMessage,
     DeltaMessage,
+    HPRApplied,
     UsageInfo,
 )
 from server.runtime import Runtime
@@ -72,7 +73,7 @@ class ServingChat:
                 index=i,
                 message=ChatResponseMessage(content=r.text),
                 logprobs=chat_logprobs(r.logprobs) if request.logprobs else None,
-                finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                finish_reason=r.finish_reason,
                 hpr_stats=stats_payload(r.edit_stats),
             )
             for i, r in enumerate(results)
@@ -97,14 +98,16 @@ class ServingChat:
         model: str,
         edit: ResolvedEdit,
         prompt_tokens: int,
-        iterators: list[AsyncIterator],  # type: ignore[type-arg]
+        iterators: list[AsyncIterator[GenerationOutput]],
         include_usage: bool,
     ) -> AsyncIterator[str]:
         created = now()
 
-        def chunk(choices: list[ChatCompletionChunkChoice], **extra: object) -> str:
+        def chunk(
+            choices: list[ChatCompletionChunkChoice], hpr: HPRApplied | None = None, usage: UsageInfo | None = None
+        ) -> str:
             return chunk_json(
-                ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, **extra)  # type: ignore[arg-type]
+                ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, hpr=hpr, usage=usage)
             )
 
         for i in range(len(iterators)):

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from server.engine.types import GenerationRequest, TokenLogprob
+from server.engine.types import GenerationOutput, GenerationRequest, TokenLogprob
 from server.errors import APIError
 from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, UsageInfo
 from server.runtime import Runtime
@@ -103,7 +103,7 @@ class ServingCompletion:
             index=index,
             text=(prompt.text if request.echo else "") + r.text,
             logprobs=logprobs,
-            finish_reason=r.finish_reason,  # type: ignore[arg-type]
+            finish_reason=r.finish_reason,
             hpr_stats=stats_payload(r.edit_stats),
         )
 
@@ -115,7 +115,7 @@ class ServingCompletion:
         edit: ResolvedEdit,
         owners: list[Prompt],
         prompt_tokens: int,
-        iterators: list[AsyncIterator],  # type: ignore[type-arg]
+        iterators: list[AsyncIterator[GenerationOutput]],
         include_usage: bool,
     ) -> AsyncIterator[str]:
         created = now()
@@ -144,11 +144,9 @@ class ServingCompletion:
                 finish_reason=out.finish_reason,
                 hpr_stats=stats_payload(out.edit_stats),
             )
-            extra = {"hpr": edit.applied} if first_chunk else {}
+            hpr = edit.applied if first_chunk else None
             first_chunk = False
-            yield chunk_json(
-                CompletionChunk(id=response_id, created=created, model=model, choices=[choice], **extra)  # type: ignore[arg-type]
-            )
+            yield chunk_json(CompletionChunk(id=response_id, created=created, model=model, choices=[choice], hpr=hpr))
         if include_usage:
             total = sum(completion_tokens)
             usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total)

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from server.engine.types import GenerationOutput, GenerationRequest, LayerEditStats, TokenLogprob
+from server.engine.types import FinishReason, GenerationOutput, GenerationRequest, LayerEditStats, TokenLogprob
 from server.errors import APIError
 from server.runtime import EngineLike
 
@@ -34,7 +34,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     edit_stats: dict[int, LayerEditStats] | None = None

@@ -63,12 +63,13 @@ def completion_prompts(
     tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], vocab_size: int
 ) -> list[Prompt]:
     """One :class:`Prompt` per prompt of a completions request (a string, strings, token ids, or lists of ids)."""
+    items: list[str | list[int]] = []
     if isinstance(prompt, str):
-        items: list[str | list[int]] = [prompt]
+        items = [prompt]
     elif prompt and all(isinstance(x, int) for x in prompt):
-        items = [[int(x) for x in prompt]]  # type: ignore[arg-type]
+        items = [[x for x in prompt if isinstance(x, int)]]
     else:
-        items = list(prompt)  # type: ignore[arg-type]
+        items = [x for x in prompt if isinstance(x, (str, list))]
     if not items:
         raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
     if len(items) > MAX_PROMPTS:
