@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -309,6 +310,10 @@ def print_table(result: dict[str, Any], markdown: bool) -> None:
                 print(f"  {r['label']}: decode {1000 / r['tpot_ms_p50']:.1f} tok/s (1000 / TPOT p50)")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default="tserve,edits,mixed,seed,batch1", help="comma list of scenario names")
@@ -393,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter: {adapter_note}; trained layers {adapter_cfg.layers}, selected {adapter_cfg.selected_layers}")
     print(f"logs: {log_dir}; load average at start: {os.getloadavg()}")
     lg: Any = load_generator
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the servers on SIGTERM as on Ctrl-C
     results: list[dict[str, Any]] = []
     try:
         for key in needed:
@@ -413,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(summarize(sc, runs))
             print_table(results[-1], args.markdown)
     finally:
+        # A second Ctrl-C or a SIGTERM must not leave orphaned servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for server in servers.values():
             server.stop()
     if args.json_out:
