@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import typing
 from collections.abc import Sequence
@@ -75,7 +76,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:  # e.g. an unreadable --api-key-file
         print(f"hpr-serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # Graceful shutdown (SIGTERM/SIGINT): uvicorn stops accepting connections and gives running requests
+    # --drain-timeout seconds to finish. sse-starlette would otherwise cut every stream at once.
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.disable_automatic_graceful_drain()
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout)),
+    )
     server = uvicorn.Server(config)
 
     def on_load_failure(_reason: str) -> None:

@@ -103,6 +103,16 @@ def test_hpr_serve_serves_the_sdk_and_stops_on_sigterm(tiny_model_dir: Path, tin
         )
         assert response.usage is not None and response.usage.completion_tokens >= 1
         assert response.model_extra is not None and response.model_extra["hpr"]["layers"] == [0, 1, 2, 3]
+        # SIGTERM mid-stream: the running stream is drained to its end, then the process exits
+        body = {"prompt": "x", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        headers = {"Authorization": "Bearer sk-test"}
+        with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=120) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]"
+        assert '"finish_reason":"length"' in rest[-2]
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
