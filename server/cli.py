@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # --drain-timeout seconds to finish. sse-starlette would otherwise cut every stream at once.
     from sse_starlette.sse import AppStatus
 
-    AppStatus.disable_automatic_graceful_drain()
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     config = uvicorn.Config(
         app,
         host=settings.host,
