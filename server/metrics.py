@@ -97,5 +97,5 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             path = scope.get("path", "")
-            route = path if path in _ROUTES else "other"
+            route = path if path in _ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
             self.metrics.requests.labels(route=route, method=scope.get("method", ""), status=str(status)).inc()

@@ -17,12 +17,13 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
 )
 from server.runtime import Runtime, get_runtime
 from server.serving.chat import ServingChat
 from server.serving.completion import ServingCompletion
-from server.serving.models import list_models
+from server.serving.models import get_model, list_models
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -53,6 +54,11 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
 async def models(runtime: RuntimeDep) -> ModelList:
     return list_models(runtime)
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def model(model_id: str, runtime: RuntimeDep) -> ModelCard:
+    return get_model(runtime, model_id)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)

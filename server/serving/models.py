@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hpr.checkpoint import HPRAdapter
+from server.errors import APIError
 from server.protocol import ModelCard, ModelList
 from server.runtime import Runtime
 
@@ -36,3 +37,11 @@ def list_models(runtime: Runtime) -> ModelList:
             )
         )
     return ModelList(data=cards)
+
+
+def get_model(runtime: Runtime, model_id: str) -> ModelCard:
+    """One card of :func:`list_models` (``GET /v1/models/{id}``); 404 ``model_not_found`` otherwise."""
+    for card in list_models(runtime).data:
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")

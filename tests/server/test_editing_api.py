@@ -94,3 +94,14 @@ def test_models_lists_adapters_with_parent_and_layers(fake_server: Any) -> None:
     assert adapter["hpr"]["trained_layers"] == [0, 1, 2, 3]
     assert adapter["hpr"]["selected_layers"] == [0, 1]
     assert adapter["hpr"]["probe_accuracy"] == {"0": 0.5, "1": 0.6, "2": 0.7, "3": 0.8}
+
+
+def test_retrieve_one_model(fake_server: Any) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=fake_server.api_base, api_key="x", max_retries=0)
+    card = client.models.retrieve("tiny")
+    assert card.id == "tiny" and card.model_extra is not None and card.model_extra["parent"] == "tiny-llama"
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
