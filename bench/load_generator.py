@@ -80,7 +80,8 @@ def build_body(args: argparse.Namespace, prompt: str, hpr: dict[str, Any] | None
         body["prompt"] = prompt
     if hpr is not None:
         body["hpr"] = hpr
-    body.update(args.extra_body_dict)
+    if getattr(args, "extra_body", None):
+        body.update(json.loads(args.extra_body))
     return body
 
 
@@ -237,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--concurrency and --max-tokens must be ≥ 1", file=sys.stderr)
         return 2
     args.requests = args.requests or 2 * args.concurrency
-    args.extra_body_dict = json.loads(args.extra_body) if args.extra_body else {}
+    try:
+        if args.extra_body and not isinstance(json.loads(args.extra_body), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        print(f"--extra-body: {exc}", file=sys.stderr)
+        return 2
     summary = asyncio.run(run(args))
     print_report(summary)
     if args.json_out:
