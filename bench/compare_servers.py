@@ -58,12 +58,16 @@ class Scenario:
     prompt_tokens: int
     max_tokens: int
     targets: list[tuple[str, str, str, float]]  # (description, numerator label, denominator label, min ratio)
+    rounds: int | None = None  # None: --rounds
 
 
 def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, layers: list[int]) -> list[Scenario]:
     """The §9 scenarios. ``layers``: the adapter's trained layers (for the 8 distinct configs)."""
     q = args.quick
+    c32 = 8 if q else 32
+    waves = c32 * (1 if q else args.waves)  # requests per run
     stream_len = dict(prompt_tokens=32 if q else 64, max_tokens=8 if q else args.max_tokens)
+    tserve_len = dict(prompt_tokens=32 if q else 64, max_tokens=8 if q else args.tserve_max_tokens)
     # transformers serve has no ignore_eos; a request-level generation config with an eos id never sampled does it
     tserve_eos = {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
     tserve = Config("transformers serve --cb", "tserve", tserve_model, extra_body=tserve_eos, ignore_eos=False)
@@ -72,15 +76,15 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
     every = Config(f"hpr-serve, HPR all {len(layers)} layers", "hpr", ADAPTER, [{"layers": "all"}])
     chunks = [layers[i : i + 5] for i in range(0, len(layers), 5)][:6]
     distinct = [{"layers": chunk} for chunk in chunks] + [{"layers": "selected", "alpha": a} for a in (0.5, 1.5)]
-    c32 = 8 if q else 32
     return [
         Scenario(
             "tserve",
             f"hpr-serve vs transformers serve --continuous-batching, {c32} streams",
             [tserve, hpr_base, top5],
             c32,
-            2 * c32,
-            **stream_len,
+            c32,
+            **tserve_len,
+            rounds=1,
             targets=[
                 ("hpr-serve (no edit) / transformers serve ≥ 1.5", hpr_base.label, "transformers serve --cb", 1.5)
             ],
@@ -90,7 +94,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
             f"HPR edit cost on hpr-serve, {c32} streams",
             [hpr_base, top5, every],
             c32,
-            2 * c32,
+            waves,
             **stream_len,
             targets=[
                 ("top-5 / no edit ≥ 0.98 (≤ 2 % cost)", top5.label, hpr_base.label, 0.98),
@@ -105,7 +109,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
                 Config(f"hpr-serve, {len(distinct)} distinct configs", "hpr", ADAPTER, distinct),
             ],
             c32,
-            2 * c32,
+            waves,
             **stream_len,
             targets=[
                 (
@@ -132,6 +136,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
             8,
             prompt_tokens=32,
             max_tokens=4 if q else args.seed_max_tokens,
+            rounds=1,
             targets=[
                 ("hpr-serve / seed path ≥ 20", "hpr-serve, HPR top-5, scope generated", "seed path, HPR top-5", 20.0)
             ],
@@ -145,16 +150,17 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
                 tserve,
             ],
             1,
-            2 if q else 3,
+            2,
             prompt_tokens=32,
-            max_tokens=16 if q else 128,
+            max_tokens=16 if q else args.batch1_max_tokens,
             targets=[],
+            rounds=1,
         ),
     ]
 
 
 def run_config(lg: Any, sc: Scenario, cfg: Config, server: ServerProcess, time_limit: float) -> dict[str, Any]:
-    """One load-generator run; ``extra_body`` is merged into every request body (thin wrapper, no fork)."""
+    """One run of ``bench/load_generator.py`` (in-process, bounded by ``time_limit``) against ``server``."""
     argv = [
         "--base-url",
         server.base_url,
@@ -179,21 +185,15 @@ def run_config(lg: Any, sc: Scenario, cfg: Config, server: ServerProcess, time_l
         argv += ["--hpr-configs", json.dumps(cfg.hpr_configs)]
     if not cfg.ignore_eos:
         argv.append("--no-ignore-eos")
+    if cfg.extra_body:
+        argv += ["--extra-body", json.dumps(cfg.extra_body)]
     args = lg.build_parser().parse_args(argv)
-    original = lg.build_body
-
-    def build_body(a: argparse.Namespace, prompt: str, hpr: dict[str, Any] | None) -> dict[str, Any]:
-        return {**original(a, prompt, hpr), **cfg.extra_body}
-
-    lg.build_body = build_body
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     try:
         summary: dict[str, Any] = asyncio.run(asyncio.wait_for(lg.run(args), timeout=time_limit))
     except TimeoutError:
         summary = {"failed": sc.requests, "requests": sc.requests, "errors": [f"time limit {time_limit:.0f} s hit"]}
-    finally:
-        lg.build_body = original
     summary.pop("args", None)
     summary.pop("per_request", None)
     summary.update(
@@ -318,11 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default="tserve,edits,mixed,seed,batch1", help="comma list of scenario names")
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds per scenario (each config once per round)")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request at 32 streams")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, edits/mixed scenarios")
+    p.add_argument("--waves", type=int, default=1, help="requests per run = waves × 32, edits/mixed scenarios")
+    p.add_argument("--tserve-max-tokens", type=int, default=32, help="output tokens per request, tserve scenario")
+    p.add_argument("--batch1-max-tokens", type=int, default=64, help="output tokens per request, batch1 scenario")
     p.add_argument("--seed-max-tokens", type=int, default=16, help="output tokens per request, seed scenario")
     p.add_argument("--adapter", default=None, help="adapter dir (default: runs/truthfulqa/checkpoint, else random)")
-    p.add_argument("--tserve-args", default="", help="extra flags for transformers serve, e.g. '--cb-num-blocks 64'")
-    p.add_argument("--time-limit", type=float, default=900.0, help="seconds per load-generator run")
+    p.add_argument(
+        "--tserve-args",
+        default="--cb-num-blocks 48 --cb-max-batch-tokens 2048",
+        help="extra flags for transformers serve (its CPU default sizes the KV cache at 60%% of free RAM: ~14 GB here)",
+    )
+    p.add_argument("--time-limit", type=float, default=1200.0, help="seconds per load-generator run")
     p.add_argument("--quick", action="store_true", help="smoke test: 8 streams, short outputs, one round")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--json", dest="json_out", default=None, help="write all results to this JSON file")
@@ -408,12 +415,13 @@ def main(argv: list[str] | None = None) -> int:
             servers[key].pause()
         for sc in scenarios:
             runs: dict[str, list[dict[str, Any]]] = {c.label: [] for c in sc.configs}
-            for r in range(rounds):
+            n_rounds = 1 if args.quick else (sc.rounds or rounds)
+            for r in range(n_rounds):
                 order = sc.configs if r % 2 == 0 else list(reversed(sc.configs))
                 for cfg in order:
                     server = servers[cfg.server]
                     server.resume()
-                    print(f"[{sc.name} round {r + 1}/{rounds}] {cfg.label} ...", flush=True)
+                    print(f"[{sc.name} round {r + 1}/{n_rounds}] {cfg.label} ...", flush=True)
                     runs[cfg.label].append(run_config(lg, sc, cfg, server, args.time_limit))
                     server.pause()
             results.append(summarize(sc, runs))
