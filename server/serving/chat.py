@@ -43,6 +43,8 @@ class ServingChat:
             max_tokens = rt.max_model_len - len(prompt_ids)  # OpenAI: unlimited, i.e. up to the context
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
+            raise APIError(400, "top_logprobs must be in [0, 20]", param="top_logprobs", code="invalid_value")
         params = sampling_params(
             request,
             max_tokens=max_tokens,

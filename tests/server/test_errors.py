@@ -81,6 +81,8 @@ def test_wrong_types_name_the_field(fake_server: Any, body: dict, param: str | N
         ({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias", None),
         ({"messages": USER, "logit_bias": {"999999": 1}}, "logit_bias", None),
         ({"messages": USER, "top_logprobs": 2}, "top_logprobs", None),
+        ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+        ({"messages": USER, "seed": 2**63}, "seed", None),
         ({"messages": USER, "stop": ["", "x"]}, "stop", None),
         ({"messages": USER, "hpr": {"adapter": "tiny", "layers": "9"}}, "hpr.layers", "invalid_edit"),
         ({"messages": USER, "hpr": {"adapter": "tiny", "layers": "3-1"}}, "hpr.layers", "invalid_edit"),
