@@ -18,7 +18,7 @@ import torch
 from hpr.checkpoint import HPRAdapter
 from hpr.model import load_model
 from trainer.data import default_data_dir, load_splits, load_truthfulqa, select
-from trainer.evaluate import score_edited, score_questions, summarize
+from trainer.evaluate import MCScore, score_edited, score_questions, summarize
 from trainer.select import select_layers
 
 
@@ -50,7 +50,12 @@ def main() -> None:
             settings.append((f"top{k}", select_layers(acc, k), alpha))
         for spec in filter(None, args.layers.split(";")):
             settings.append((spec, [int(x) for x in spec.split(",")], alpha))
-    base = score_questions(lm.model, lm.tokenizer, questions, progress=False)
+    base_file = args.out / f"sweep-{args.split}-base.json"  # the base model's scores do not depend on the edit
+    if base_file.is_file() and json.loads(base_file.read_text())["indices"] == ids:
+        base = [MCScore(**s) for s in json.loads(base_file.read_text())["scores"]]
+    else:
+        base = score_questions(lm.model, lm.tokenizer, questions, progress=False)
+        base_file.write_text(json.dumps({"indices": ids, "scores": [vars(s) for s in base]}) + "\n")
     rows = []
     print(
         f"{args.split}: {len(questions)} questions; base MC1 {sum(s.mc1 for s in base) / len(base):.4f} "

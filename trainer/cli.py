@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(stage: str, result: Any) -> str:
+    if stage == "run" and "skipped" in result["eval"]:
+        return f"eval skipped: {result['eval']['skipped']}; selected layers {result['select']['selected_layers']}"
     if stage == "eval" or (stage == "run" and "eval" in result):
         ev = result["eval"] if stage == "run" else result
         lines = [

@@ -311,13 +311,18 @@ def sweep(cfg: RunConfig, lm: LoadedModel, adapter: HPRAdapter, questions: list[
     }
 
 
-def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel]) -> dict[str, Any]:
+def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = True) -> dict[str, Any]:
+    """MC1/MC2 base vs edited. With ``required=False`` (``run`` on a pair file), data without MC targets is
+    skipped with a note instead of an error."""
     ds = load_dataset(cfg)
     if cfg.eval_split not in ds.splits:
         raise TrainerError(f"unknown eval split {cfg.eval_split!r}")
     questions = [q for q in ds.splits[cfg.eval_split] if q.mc1_correct is not None]
     if not questions:
-        raise TrainerError(f"the {cfg.eval_split} split has no TruthfulQA MC questions to evaluate")
+        reason = f"the {cfg.eval_split} split has no TruthfulQA MC questions (mc1/mc2 targets) to evaluate"
+        if required:
+            raise TrainerError(reason)
+        return {"skipped": reason}
     adapter_cfg = json.loads((cfg.checkpoint_dir / CONFIG_NAME).read_text())
     settings = {
         "split": cfg.eval_split,
@@ -382,7 +387,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         ("extract", lambda: stage_extract(cfg, cache)),
         ("fit", lambda: stage_fit(cfg)),
         ("select", lambda: stage_select(cfg)),
-        ("eval", lambda: stage_eval(cfg, cache)),
+        ("eval", lambda: stage_eval(cfg, cache, required=cfg.pairs_file is None)),
     ]
     for name, stage in stages:
         t = time.perf_counter()

@@ -109,3 +109,34 @@ def test_smollm2_smoke_run_on_eight_questions(tmp_path, truthfulqa_dir) -> None:
     assert report["questions"] == 8 and 0.0 <= report["mc2"]["base"] <= 1.0
     adapter = HPRAdapter.load(out / "checkpoint", hidden_size=576, num_layers=30)
     assert len(adapter.config.selected_layers) == 5
+
+
+def test_run_on_a_users_pair_file_with_ratio_splits(tmp_path, tiny_model_dir, capsys) -> None:  # type: ignore[no-untyped-def]
+    lines = [
+        {"question": f"Question number {i}?", "positive": f"Yes, {i} is fine.", "negative": f"Never {i} at all!"}
+        for i in range(10)
+    ]
+    file = tmp_path / "pairs.jsonl"
+    file.write_text("\n".join(json.dumps(x) for x in lines))
+    args = [
+        "run",
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_model_dir),
+        "--pairs-file",
+        str(file),
+        "--split-ratios",
+        "0.6,0.2,0.2",
+        "--format",
+        "chat",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--top-k",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "eval skipped" in capsys.readouterr().out
+    adapter = HPRAdapter.load(tmp_path / "out" / "checkpoint")
+    assert len(adapter.config.selected_layers) == 1
