@@ -141,3 +141,21 @@ def test_overload_with_the_real_engine_is_429(tiny_settings: ServerSettings) -> 
             refused = httpx.post(live.api_base + "/completions", json={"prompt": "y", "max_tokens": 1}, timeout=60)
             assert refused.status_code == 429 and "retry-after" in refused.headers
             assert refused.json()["error"]["code"] == "queue_full"
+
+
+def test_scope_generated_leaves_prompt_scores_unedited(real_server: Any) -> None:
+    """Scoring a prompt reads the predictions made at prompt positions 0..n-2; scope "generated" edits only the
+    last prompt token and later ones, so those scores are the base model's — while scope "all" changes them."""
+
+    def prompt_logprobs(hpr: dict[str, Any] | None) -> list[float]:
+        body: dict[str, Any] = {"prompt": "Once upon a time", "max_tokens": 0, "echo": True, "logprobs": 0}
+        if hpr is not None:
+            body["hpr"] = hpr
+        response = httpx.post(real_server.api_base + "/completions", json=body, timeout=60).json()
+        return list(response["choices"][0]["logprobs"]["token_logprobs"][1:])
+
+    base = prompt_logprobs(None)
+    generated = prompt_logprobs({"adapter": "tiny", "layers": "all", "scope": "generated"})
+    everywhere = prompt_logprobs({"adapter": "tiny", "layers": "all", "scope": "all"})
+    assert generated == pytest.approx(base, abs=1e-5)
+    assert everywhere != pytest.approx(base, abs=1e-3)
