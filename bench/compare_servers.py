@@ -346,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     adapter_cfg = HPRAdapter.load(adapter_dir).config
     tserve_dir = transformers_serve_model_dir(work)
     base = "smollm2-135m-instruct"
-    scenarios = [s for s in build_scenarios(args, str(tserve_dir), base, adapter_cfg.layers) if s.name in wanted]
-    unknown = set(wanted) - {s.name for s in scenarios}
+    by_name = {s.name: s for s in build_scenarios(args, str(tserve_dir), base, adapter_cfg.layers)}
+    scenarios = [by_name[name] for name in wanted if name in by_name]  # in the order asked for
+    unknown = set(wanted) - set(by_name)
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}")
     needed = {c.server for s in scenarios for c in s.configs}
