@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from fastapi import FastAPI, Request
 
 from hpr.checkpoint import HPRAdapter
@@ -93,6 +94,8 @@ class Runtime:
 def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Runtime:
     """Load the base model and every ``--adapter`` (blocking; run it in a thread). Raises on any problem."""
     started = time.monotonic()
+    if settings.num_threads is not None:
+        torch.set_num_threads(settings.num_threads)
     loaded = load_model(settings.model, settings.device, settings.dtype, model_id=settings.served_model_name)
     sources = settings.adapter_paths()
     if loaded.model_id in sources:

@@ -62,6 +62,12 @@ class ServerSettings(BaseSettings):
     dtype: str = Field(
         default="auto", description="Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
     )
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch CPU threads (torch.set_num_threads); default: torch's choice. On a shared, busy CPU "
+        "fewer threads than cores can be much faster.",
+    )
     served_model_name: str | None = Field(
         default=None,
         description="Model id shown in /v1/models and accepted as `model` (default: derived from --model).",

@@ -31,10 +31,10 @@ def test_flags_parse_into_settings(tmp_path: Path) -> None:
     settings = parse_settings(
         ["--model", "m", "--adapter", "a=/x/a", "--adapter", str(tmp_path / "b"), "--port", "9001",
          "--max-batch-size", "4", "--max-model-len", "512", "--api-key", "k1", "--api-key", "k2",
-         "--cors-origin", "*", "--log-level", "DEBUG"]
+         "--cors-origin", "*", "--log-level", "DEBUG", "--num-threads", "1"]
     )  # fmt: skip
     assert settings.model == "m" and settings.port == 9001 and settings.max_batch_size == 4
-    assert settings.max_model_len == 512 and settings.log_level == "debug"
+    assert settings.max_model_len == 512 and settings.log_level == "debug" and settings.num_threads == 1
     assert settings.adapter_paths() == {"a": Path("/x/a"), "b": tmp_path / "b"}
     assert settings.api_keys() == {"k1", "k2"} and settings.cors_origin == ["*"]
 
@@ -83,7 +83,8 @@ def _env() -> dict[str, str]:
 def test_hpr_serve_serves_the_sdk_and_stops_on_sigterm(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     port = _free_port()
     cmd = [str(HPR_SERVE), "--model", str(tiny_model_dir), "--adapter", f"tiny={tiny_adapter_dir}",
-           "--port", str(port), "--api-key", "sk-test", "--dtype", "float32", "--log-level", "warning"]  # fmt: skip
+           "--port", str(port), "--api-key", "sk-test", "--dtype", "float32", "--log-level", "warning",
+           "--num-threads", "1"]  # fmt: skip
     process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
