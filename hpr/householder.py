@@ -136,5 +136,18 @@ class HPRLayer(nn.Module):
 
     def edit(self, x: Tensor, alpha: Tensor | float = 1.0, edit_mask: Tensor | None = None) -> RotationResult:
         """Apply the pseudo-rotation to activations ``x`` (..., h) with strength ``alpha`` (scalar or (...))."""
-        theta = self.angle(x.float()) * alpha  # (...)
-        return householder_rotate(x, self.probe.weight[0], theta, edit_mask)
+        w = self.probe.weight[0]
+        x32 = x.float()
+        if x.device.type != "cpu":  # gathering the candidates below would cost a device→host sync per layer
+            return householder_rotate(x, w, self.angle(x32) * alpha, edit_mask)
+        # On CPU the angle MLP is most of the cost: run it only where a rotation can happen (probe says negative,
+        # inside the mask). Other tokens get θ = 0 and householder_rotate leaves them unchanged anyway.
+        candidates = (x32 @ w.float()) < 0  # (...)
+        if edit_mask is not None:
+            candidates = candidates & edit_mask
+        theta = torch.zeros(candidates.shape, dtype=torch.float32, device=x.device)  # (...)
+        index = candidates.nonzero(as_tuple=True)
+        if index[0].numel():
+            scale = torch.as_tensor(alpha, dtype=torch.float32, device=x.device).expand(candidates.shape)
+            theta[index] = self.angle(x32[index]) * scale[index]  # (k,)
+        return householder_rotate(x, w, theta, edit_mask)

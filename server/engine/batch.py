@@ -81,6 +81,7 @@ class Batch:
     next_tokens: Tensor  # (B,) long
     sampling: SamplingState
     _plan: EditPlan | None = field(default=None, init=False, repr=False)
+    _padded: bool | None = field(default=None, init=False, repr=False)
     _plan_built: bool = field(default=False, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -94,8 +95,15 @@ class Batch:
         """(B, 1) absolute positions of ``next_tokens``."""
         return (self.length - self.pad)[:, None]
 
-    def attention_mask(self) -> Tensor:
-        """(B, 1, 1, L + 1) bool: which cache columns (plus the new token) each row may attend to."""
+    def attention_mask(self) -> Tensor | None:
+        """(B, 1, 1, L + 1) bool: which cache columns (plus the new token) each row may attend to.
+
+        None when no row has padding: attention then sees every column and SDPA takes its fastest path.
+        """
+        if self._padded is None:
+            self._padded = bool(self.pad.any())  # one host sync per batch composition, not per step
+        if not self._padded:
+            return None
         columns = torch.arange(self.length + 1, device=self.pad.device)  # (L + 1,)
         return (columns[None, :] >= self.pad[:, None])[:, None, None, :]
 
@@ -183,7 +191,8 @@ class PrefillInputs:
 
     input_ids: Tensor  # (N, T) long, pad id on the left
     position_ids: Tensor  # (N, T) long, 0 at padding
-    attention_mask: Tensor  # (N, 1, T, T) bool: causal, padding keys hidden (a pad query sees itself: no NaN)
+    attention_mask: Tensor | None  # (N, 1, T, T) bool: causal, padding keys hidden (a pad query sees itself:
+    # no NaN); None when no prompt is padded (plain causal attention, SDPA's fastest path)
     valid: Tensor  # (N, T) bool, False at padding
     pad: Tensor  # (N,) long
 
@@ -204,7 +213,7 @@ class PrefillInputs:
         return cls(
             input_ids=ids.to(device),
             position_ids=positions.to(device),
-            attention_mask=mask[:, None].to(device),
+            attention_mask=mask[:, None].to(device) if bool(pad.any()) else None,
             valid=valid.to(device),
             pad=pad.to(device),
         )

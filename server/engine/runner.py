@@ -68,16 +68,16 @@ class ModelRunner:
         self._dtype = next(model.parameters()).dtype
 
     # ---- forward passes -------------------------------------------------------------------------------------
-    def _mask(self, mask: Tensor) -> Tensor:
+    def _mask(self, mask: Tensor | None) -> Tensor | None:
         """Bool (…, q, k) mask as the attention implementation wants it (eager adds a float mask)."""
-        if not self._additive_mask:
+        if mask is None or not self._additive_mask:
             return mask
         return torch.zeros(mask.shape, dtype=self._dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(self._dtype).min
         )
 
     def _forward(
-        self, ids: Tensor, positions: Tensor, mask: Tensor, cache: BatchKVCache, plan: EditPlan | None
+        self, ids: Tensor, positions: Tensor, mask: Tensor | None, cache: BatchKVCache, plan: EditPlan | None
     ) -> Tensor:
         """Last-position logits (B, V) float32 for ``ids`` (B, T) appended to ``cache``."""
         with self.editor.apply(plan):
