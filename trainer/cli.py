@@ -182,6 +182,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="evaluate the test split with the sweep's best (k, alpha) on the eval split",
     )
+    s.add_argument(
+        "--eval-workers",
+        type=int,
+        default=1,
+        help="score the test split in N processes of 1 thread each (cores or a busy CPU) [1]",
+    )
     s.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the CIs [10000]")
 
 
@@ -228,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> P.RunConfig:
         sweep_alpha=args.sweep_alpha,
         pick_best=args.pick_best,
         bootstrap=args.bootstrap,
+        eval_workers=args.eval_workers,
         progress=not args.no_progress,
     )
 

@@ -132,6 +132,51 @@ def score_edited(
         editor.detach()
 
 
+@dataclass(frozen=True)
+class ScoringJob:
+    """What a worker process needs to score a slice of questions (everything picklable)."""
+
+    model: str
+    device: str
+    dtype: str
+    checkpoint: str | None  # None = base model only
+    layers: tuple[int, ...]
+    alpha: float
+    questions: tuple[Question, ...]
+
+
+def _score_job(job: ScoringJob) -> tuple[list[MCScore], list[MCScore]]:
+    from hpr.model import load_model
+
+    torch.set_num_threads(1)  # one thread per worker: workers, not threads, use the cores
+    lm = load_model(job.model, job.device, job.dtype)
+    base = score_questions(lm.model, lm.tokenizer, job.questions, progress=False)
+    if job.checkpoint is None:
+        return base, []
+    adapter = HPRAdapter.load(job.checkpoint, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+    edited = score_edited(lm.model, lm.tokenizer, job.questions, adapter, job.layers, job.alpha, progress=False)
+    return base, edited
+
+
+def score_in_workers(job: ScoringJob, workers: int) -> tuple[list[MCScore], list[MCScore]]:
+    """Score ``job`` split over ``workers`` processes (each loads the model, 1 thread); results in order."""
+    if workers <= 1:
+        return _score_job(job)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    qs = list(job.questions)
+    slices = [tuple(qs[i::workers]) for i in range(workers)]
+    jobs = [ScoringJob(job.model, job.device, job.dtype, job.checkpoint, job.layers, job.alpha, s) for s in slices]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_score_job, jobs))
+    by_index_base = {s.index: s for r in results for s in r[0]}
+    by_index_edit = {s.index: s for r in results for s in r[1]}
+    base = [by_index_base[q.index] for q in qs]
+    edited = [by_index_edit[q.index] for q in qs] if job.checkpoint is not None else []
+    return base, edited
+
+
 def paired_bootstrap_ci(
     base: Sequence[float], edited: Sequence[float], samples: int = 10000, seed: int = 0
 ) -> tuple[float, float]:

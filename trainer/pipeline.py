@@ -27,7 +27,7 @@ from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from trainer import data as D
 from trainer.activations import ExtractOptions, Extractor, store_settings
 from trainer.errors import DataError, TrainerError
-from trainer.evaluate import MCScore, score_edited, score_questions, summarize
+from trainer.evaluate import MCScore, ScoringJob, score_edited, score_in_workers, score_questions, summarize
 from trainer.fit import FitOptions, fit
 from trainer.pairs import PairSet
 from trainer.prompts import PromptFormat, encode_all
@@ -67,6 +67,7 @@ class RunConfig:
     sweep_alpha: tuple[float, ...] = ()
     pick_best: bool = False
     bootstrap: int = 10000
+    eval_workers: int = 1
     progress: bool = True
 
     @property
@@ -349,17 +350,23 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
         if cfg.pick_best:
             best = report["sweep"]["best"]
             layers, alpha = select_layers(adapter.config.probe_accuracy, best["top_k"]), best["alpha"]
-    base = score_questions(lm.model, lm.tokenizer, questions, desc=f"{cfg.eval_split} base", progress=cfg.progress)
-    edited = score_edited(
-        lm.model,
-        lm.tokenizer,
-        questions,
-        adapter,
-        layers,
-        alpha,
-        desc=f"{cfg.eval_split} edited",
-        progress=cfg.progress,
-    )
+    if cfg.eval_workers > 1:
+        job = ScoringJob(
+            cfg.model, cfg.device, cfg.dtype, str(cfg.checkpoint_dir), tuple(layers), alpha, tuple(questions)
+        )
+        base, edited = score_in_workers(job, cfg.eval_workers)
+    else:
+        base = score_questions(lm.model, lm.tokenizer, questions, desc=f"{cfg.eval_split} base", progress=cfg.progress)
+        edited = score_edited(
+            lm.model,
+            lm.tokenizer,
+            questions,
+            adapter,
+            layers,
+            alpha,
+            desc=f"{cfg.eval_split} edited",
+            progress=cfg.progress,
+        )
     report.update(summarize(base, edited, samples=cfg.bootstrap, seed=cfg.seed))
     report.update(
         {
