@@ -152,14 +152,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     f.add_argument("--max-ram-mb", type=int, default=8192, help="refuse to load more activations than this [8192]")
 
     s = p.add_argument_group("select / eval")
-    s.add_argument("--top-k", type=int, default=5, help="edit the k layers with the best eval probe accuracy [5]")
+    s.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        help="edit the k layers with the best eval probe accuracy [3, chosen on the eval split; seed: 5]",
+    )
     s.add_argument(
         "--min-accuracy",
         type=float,
         default=None,
         help="instead: every layer with eval probe accuracy ≥ this (capped by --top-k)",
     )
-    s.add_argument("--alpha", type=float, default=1.0, help="edit strength for the evaluation [1.0]")
+    s.add_argument(
+        "--alpha",
+        type=float,
+        default=2.0,
+        help="edit strength for the evaluation, recorded in the checkpoint as recommended_alpha "
+        "[2.0, chosen on the eval split]",
+    )
     s.add_argument(
         "--eval-split", choices=("test", "eval", "train"), default="test", help="split to report MC1/MC2 on [test]"
     )

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hpr.checkpoint import CONFIG_NAME, HPRAdapter, HPRConfig
+from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter, HPRConfig
 from hpr.householder import default_widths
 from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from trainer import data as D
@@ -59,9 +60,9 @@ class RunConfig:
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     fit: FitOptions = field(default_factory=FitOptions)
     max_ram_mb: int = 8192
-    top_k: int | None = 5
+    top_k: int | None = 3  # chosen on the eval split (docs/trainer.md); the seed's default is 5
     min_accuracy: float | None = None
-    alpha: float = 1.0
+    alpha: float = 2.0  # chosen on the eval split
     eval_split: str = "test"
     sweep_k: tuple[int, ...] = ()
     sweep_alpha: tuple[float, ...] = ()
@@ -270,6 +271,7 @@ def stage_select(cfg: RunConfig) -> dict[str, Any]:
     selected = select_layers(accuracy, cfg.top_k, cfg.min_accuracy)
     adapter.config.selected_layers = selected
     adapter.config.training["selection"] = {"top_k": cfg.top_k, "min_accuracy": cfg.min_accuracy}
+    adapter.config.training["recommended_alpha"] = cfg.alpha  # the alpha evaluated in eval.json
     adapter.save(cfg.checkpoint_dir)
     plot = plot_probe_accuracy(accuracy, selected, cfg.checkpoint_dir / "probe_accuracy.png")
     return {"selected_layers": selected, "selected_accuracy": {k: accuracy[k] for k in selected}, "plot": str(plot)}
@@ -334,7 +336,10 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
         "sweep_k": list(cfg.sweep_k),
         "sweep_alpha": list(cfg.sweep_alpha),
         "pick_best": cfg.pick_best,
-        "adapter": {key: adapter_cfg.get(key) for key in ("probe_accuracy", "selected_layers", "training")},
+        "adapter": {
+            "selected_layers": adapter_cfg.get("selected_layers"),
+            "weights_sha256": hashlib.sha256((cfg.checkpoint_dir / WEIGHTS_NAME).read_bytes()).hexdigest(),
+        },
     }
     previous = _read_json(cfg.out / "eval.json")
     if previous and previous.get("settings") == settings:

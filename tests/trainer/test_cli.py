@@ -45,7 +45,7 @@ def test_run_writes_checkpoint_eval_and_plot_then_resumes(tmp_path, tiny_model_d
     for metric in ("mc1", "mc2"):
         assert {"base", "edited", "delta", "delta_ci95"} <= set(report[metric])
     assert report["questions"] == 4 and len(report["per_question"]) == 4
-    assert report["edit"] == {"layers": adapter.config.selected_layers, "alpha": 1.0, "scope": "all"}
+    assert report["edit"] == {"layers": adapter.config.selected_layers, "alpha": 2.0, "scope": "all"}
     assert (out / "activations" / "train" / "manifest.json").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"}
     stamps.pop(out / "data.json")
