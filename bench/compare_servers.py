@@ -427,15 +427,15 @@ def main(argv: list[str] | None = None) -> int:
                     server.pause()
             results.append(summarize(sc, runs))
             print_table(results[-1], args.markdown)
+            if args.json_out:  # after every scenario, so a cut-short run keeps what it measured
+                meta = {"adapter": adapter_note, "cpu_count": os.cpu_count(), "finished": time.time()}
+                Path(args.json_out).write_text(json.dumps({"meta": meta, "scenarios": results}, indent=2) + "\n")
     finally:
         # A second Ctrl-C or a SIGTERM must not leave orphaned servers behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for server in servers.values():
             server.stop()
-    if args.json_out:
-        meta = {"adapter": adapter_note, "rounds": rounds, "cpu_count": os.cpu_count(), "finished": time.time()}
-        Path(args.json_out).write_text(json.dumps({"meta": meta, "scenarios": results}, indent=2) + "\n")
     print("\n(all scenarios)")
     for res in results:
         print_table(res, args.markdown)
