@@ -134,7 +134,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
             ],
             8,
             8,
-            prompt_tokens=32,
+            prompt_tokens=32 if q else args.seed_prompt_tokens,
             max_tokens=4 if q else args.seed_max_tokens,
             rounds=1,
             targets=[
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tserve-max-tokens", type=int, default=32, help="output tokens per request, tserve scenario")
     p.add_argument("--batch1-max-tokens", type=int, default=64, help="output tokens per request, batch1 scenario")
     p.add_argument("--seed-max-tokens", type=int, default=16, help="output tokens per request, seed scenario")
+    p.add_argument("--seed-prompt-tokens", type=int, default=32, help="prompt tokens (before the template), seed")
     p.add_argument("--adapter", default=None, help="adapter dir (default: runs/truthfulqa/checkpoint, else random)")
     p.add_argument(
         "--tserve-args",
