@@ -196,8 +196,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--eval-workers",
         type=int,
-        default=1,
-        help="score the test split in N processes of 1 thread each (cores or a busy CPU) [1]",
+        default=None,
+        help="score the evaluated split in N processes of one thread each [one per core, max 4, for 64+ questions]",
     )
     s.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the CIs [10000]")
 

@@ -68,7 +68,7 @@ class RunConfig:
     sweep_alpha: tuple[float, ...] = ()
     pick_best: bool = False
     bootstrap: int = 10000
-    eval_workers: int = 1
+    eval_workers: int | None = 1  # None = auto: one per core (max 4) for 64+ questions, else 1
     progress: bool = True
 
     @property
@@ -355,11 +355,14 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
         if cfg.pick_best:
             best = report["sweep"]["best"]
             layers, alpha = select_layers(adapter.config.probe_accuracy, best["top_k"]), best["alpha"]
-    if cfg.eval_workers > 1:
+    workers = cfg.eval_workers
+    if workers is None:  # processes of one thread each use the cores without threads spinning against each other
+        workers = min(4, os.cpu_count() or 1) if len(questions) >= 64 else 1
+    if workers > 1:
         job = ScoringJob(
             cfg.model, cfg.device, cfg.dtype, str(cfg.checkpoint_dir), tuple(layers), alpha, tuple(questions)
         )
-        base, edited = score_in_workers(job, cfg.eval_workers)
+        base, edited = score_in_workers(job, workers)
     else:
         base = score_questions(lm.model, lm.tokenizer, questions, desc=f"{cfg.eval_split} base", progress=cfg.progress)
         edited = score_edited(
