@@ -4,10 +4,10 @@
 # container. Exits non-zero on any failure; cleans up on every exit. Prints the figures docs/docker.md reports.
 #
 #   docker/smoke.sh                      # docker or podman, whichever works (docker first)
-#   ENGINE=podman VARIANT=cpu PORT=18000 SKIP_BUILD=1 IMAGE=hpr-serve:cpu docker/smoke.sh
+#   ENGINE=podman VARIANT=cpu PORT=18000 SKIP_BUILD=1 IMAGE=hpr-serve:cpu ADAPTER_DIR=path docker/smoke.sh
 #
-# The adapter: runs/truthfulqa/checkpoint when it exists (trained by `hpr-train run --out runs/truthfulqa`),
-# else a random one of SmolLM2's shape (hidden 576, 30 layers), written by the image's own python.
+# The adapter: $ADAPTER_DIR, by default runs/truthfulqa/checkpoint, when it exists (trained by `hpr-train run
+# --out runs/truthfulqa`), else a random one of SmolLM2's shape (hidden 576, 30 layers) written by the image's python.
 # Needs: bash, curl, python3 (only to read JSON) on the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,11 +64,12 @@ say "image $IMAGE: $((size / 1000000)) MB"
 
 # --- adapter -------------------------------------------------------------------------------------------------------
 mkdir -p "$WORK/adapters" && chmod 0777 "$WORK" "$WORK/adapters"
-if [[ -f runs/truthfulqa/checkpoint/hpr_config.json ]]; then
-    ADAPTER=truthfulqa
-    cp -r runs/truthfulqa/checkpoint "$WORK/adapters/$ADAPTER"
+ADAPTER_DIR=${ADAPTER_DIR:-runs/truthfulqa/checkpoint}
+if [[ -f $ADAPTER_DIR/hpr_config.json ]]; then
+    ADAPTER=trained
+    cp -r "$ADAPTER_DIR" "$WORK/adapters/$ADAPTER"
     chmod -R a+rX "$WORK/adapters"
-    say "adapter: the trained runs/truthfulqa/checkpoint"
+    say "adapter: the trained $ADAPTER_DIR"
 else
     ADAPTER=smoke
     "$ENGINE" run --rm --user "$(id -u):$(id -g)" -v "$WORK/adapters:/out:z" --entrypoint python "$IMAGE" -c \
@@ -79,16 +80,18 @@ selected_layers=[13, 14])); [p.data.normal_(0, 0.5) for p in a.parameters()]; a.
     chmod -R a+rX "$WORK/adapters"
     say "adapter: random, hidden 576, layers 10-19, selected 13-14"
 fi
-# Two trained layers for the explicit list, and a run of trained layers for the range string ("10-14").
+# Two layers for the explicit list (selected ones if possible), a run of trained layers for the range ("10-14").
 read -r LAYER_LIST LAYER_RANGE LAYER_RANGE_LIST < <(python3 - "$WORK/adapters/$ADAPTER/hpr_config.json" <<'PY'
 import json, sys
-layers = sorted(json.load(open(sys.argv[1]))["layers"])
+config = json.load(open(sys.argv[1]))
+layers = sorted(config["layers"])
+pick = sorted(config["selected_layers"]) if len(config["selected_layers"]) >= 2 else layers
 runs, run = [], [layers[0]]
 for x in layers[1:]:
     run = run + [x] if x == run[-1] + 1 else (runs.append(run) or [x])
 runs.append(run)
 best = max(runs, key=len)[:5]
-print(json.dumps(layers[:2]).replace(" ", ""), f"{best[0]}-{best[-1]}", json.dumps(best).replace(" ", ""))
+print(json.dumps(pick[:2]).replace(" ", ""), f"{best[0]}-{best[-1]}", json.dumps(best).replace(" ", ""))
 PY
 )
 
