@@ -1,7 +1,8 @@
 # hpr-serve image. One build argument picks the variant (see docs/docker.md):
 #   docker build -t hpr-serve:cpu .                             python:3.11-slim + CPU torch, float32 (default)
 #   docker build -t hpr-serve:cuda --build-arg VARIANT=cuda .    nvidia/cuda + CUDA torch, bfloat16
-# Podman: add `--format docker`, or the OCI image format drops the HEALTHCHECK.
+# Podman: add `--format docker` (the OCI format drops the HEALTHCHECK); on Podman 4.3 also pass
+# `--build-arg VARIANT=cpu` explicitly (its Buildah resolves `FROM base-${VARIANT}` to a stage only then).
 #
 # Wheels: anything in ./wheels/ (e.g. `pip download --no-deps torch==2.13.0 -d wheels/`) is offered to pip first
 # (--find-links); a torch wheel there is used as is. `--build-arg PIP_OFFLINE=1` makes pip use ./wheels/ only
