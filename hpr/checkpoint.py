@@ -199,8 +199,9 @@ def _load_state(adapter: HPRAdapter, state: dict[str, Tensor], file: Path) -> No
 
 def _load_ours(path: Path, name: str) -> HPRAdapter:
     cfg_file = path / CONFIG_NAME
+    raw_config = _read_json(cfg_file)  # its errors already name the file
     try:
-        config = HPRConfig.from_dict(_read_json(cfg_file))
+        config = HPRConfig.from_dict(raw_config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{cfg_file}: invalid config: {exc}") from exc
     except CheckpointError as exc:
