@@ -108,7 +108,7 @@ def test_smollm2_smoke_run_on_eight_questions(tmp_path, truthfulqa_dir) -> None:
     report = json.loads((out / "eval.json").read_text())
     assert report["questions"] == 8 and 0.0 <= report["mc2"]["base"] <= 1.0
     adapter = HPRAdapter.load(out / "checkpoint", hidden_size=576, num_layers=30)
-    assert len(adapter.config.selected_layers) == 5
+    assert len(adapter.config.selected_layers) == 3  # the default top-k
 
 
 def test_run_on_a_users_pair_file_with_ratio_splits(tmp_path, tiny_model_dir, capsys) -> None:  # type: ignore[no-untyped-def]
