@@ -46,10 +46,11 @@ class Question:
 
 
 def default_data_dir() -> Path | None:
-    """``$HPR_TRUTHFULQA_DIR``, else ``../shared/data/truthfulqa`` relative to the cwd, if it exists."""
+    """``$HPR_TRUTHFULQA_DIR``, else ``../shared/data/truthfulqa`` relative to the cwd or to this checkout."""
     env = os.environ.get("HPR_TRUTHFULQA_DIR")
     candidates = [Path(env)] if env else []
     candidates.append(Path.cwd().parent / "shared" / "data" / "truthfulqa")
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa")
     for path in candidates:
         if (path / MC_FILE).is_file():
             return path
