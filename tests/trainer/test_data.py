@@ -130,3 +130,14 @@ def test_ratio_splits_are_seeded_disjoint_and_complete() -> None:
 
 def test_select_keeps_split_order_and_limit(small_questions: list[Question]) -> None:
     assert [q.index for q in select(small_questions, [2, 0, 1], limit=2)] == [2, 0]
+
+
+def test_data_dir_comes_from_the_environment_or_next_to_the_checkout(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from trainer.data import default_data_dir
+
+    (tmp_path / "mc_task.json").write_text("[]")
+    monkeypatch.setenv("HPR_TRUTHFULQA_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    monkeypatch.setenv("HPR_TRUTHFULQA_DIR", str(tmp_path / "absent"))
+    found = default_data_dir()
+    assert found is None or (found / "mc_task.json").is_file()
