@@ -351,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra flags for transformers serve (its CPU default sizes the KV cache at 60%% of free RAM: ~14 GB here)",
     )
     p.add_argument("--time-limit", type=float, default=1200.0, help="seconds per load-generator run")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of every server (OMP_NUM_THREADS); default: torch's own (one per core)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 8 streams, short outputs, one round")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--json", dest="json_out", default=None, help="write all results to this JSON file")
@@ -425,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(f"adapter: {adapter_note}; trained layers {adapter_cfg.layers}, selected {adapter_cfg.selected_layers}")
-    print(f"logs: {log_dir}; load average at start: {os.getloadavg()}")
+    for server in servers.values():
+        server.threads = args.threads
+    print(f"logs: {log_dir}; load average at start: {os.getloadavg()}; server threads: {args.threads or 'default'}")
     lg: Any = load_generator
     signal.signal(signal.SIGTERM, _interrupt)  # stop the servers on SIGTERM as on Ctrl-C
     results: list[dict[str, Any]] = []

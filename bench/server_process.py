@@ -41,6 +41,7 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    threads: int | None = None  # torch intra-op threads (OMP_NUM_THREADS), the same for every server; None: default
 
     @property
     def base_url(self) -> str:
@@ -56,7 +57,12 @@ class ServerProcess:
         with self.log_file.open("wb") as log:
             log.write(("$ " + " ".join(cmd) + "\n").encode())
             log.flush()
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            env = dict(os.environ)
+            if self.threads:
+                env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env
+            )
 
     def wait_healthy(self, timeout: float) -> None:
         """Poll ``GET /health`` until 200; raise with the log's tail if the process dies or ``timeout`` passes."""
