@@ -82,6 +82,7 @@ class Batch:
     sampling: SamplingState
     _plan: EditPlan | None = field(default=None, init=False, repr=False)
     _padded: bool | None = field(default=None, init=False, repr=False)
+    _edited_rows: dict[int, int] | None = field(default=None, init=False, repr=False)
     _plan_built: bool = field(default=False, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -120,13 +121,15 @@ class Batch:
         return self._plan
 
     def edited_rows_per_layer(self) -> dict[int, int]:
-        """Layer -> number of rows a decode step edits there (for the ``on_edit`` metric)."""
-        counts: dict[int, int] = {}
-        for state in self.requests:
-            spec = decode_spec(state.request.edit)
-            for layer in spec.layers if spec is not None else ():
-                counts[layer] = counts.get(layer, 0) + 1
-        return counts
+        """Layer -> number of rows a decode step edits there (for the ``on_edit`` metric); cached per batch."""
+        if self._edited_rows is None:
+            counts: dict[int, int] = {}
+            for state in self.requests:
+                spec = decode_spec(state.request.edit)
+                for layer in spec.layers if spec is not None else ():
+                    counts[layer] = counts.get(layer, 0) + 1
+            self._edited_rows = counts
+        return self._edited_rows
 
     def row_stats(self, row: int) -> Tensor | None:
         """(num_layers, 3) stats of ``row`` so far, including the steps since the last flush."""

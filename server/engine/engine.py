@@ -49,7 +49,8 @@ class Engine:
 
     Args:
         max_batch_size: rows decoded together at most.
-        max_queue: requests waiting for a slot at most; past that :class:`QueueFullError`.
+        max_queue: requests waiting for a slot at most (beyond those a free slot takes at the next step); past
+            that :class:`QueueFullError`.
         max_model_len: prompt + generated tokens at most (default: the model's context).
         max_prefill_tokens: padded prompt tokens prefilled in one forward at most (bounds the pause that
             newcomers impose on running streams); a longer single prompt is still prefilled alone.
@@ -211,7 +212,8 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            free_slots = max(0, self.max_batch_size - len(self._active))  # these are admitted at the next step
+            if len(self._waiting) - free_slots >= self.max_queue:
                 raise QueueFullError(
                     f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0
                 )

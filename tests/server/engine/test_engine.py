@@ -346,3 +346,23 @@ def test_edit_stats_arrive_when_a_stop_string_ends_the_request(
     last = outputs[-1]
     assert last.finish_reason == "stop"
     assert last.edit_stats is not None and last.edit_stats[3].tokens >= len(prompt) + last.completion_tokens - 1
+
+
+def test_max_queue_zero_admits_while_a_slot_is_free_and_refuses_when_full(
+    tiny_loaded: LoadedModel, make_engine: Any
+) -> None:
+    async def main() -> None:
+        async with make_engine(max_batch_size=1, max_queue=0) as engine:
+            first = engine.generate(request(tiny_loaded, request_id="first", max_tokens=200))
+            await first.__anext__()
+            with pytest.raises(QueueFullError):
+                await collect(engine, request(tiny_loaded, request_id="second"))
+            await first.aclose()
+            for _ in range(2000):
+                if engine.running == 0:
+                    break
+                await asyncio.sleep(0.005)
+            outputs = await collect(engine, request(tiny_loaded, request_id="third", max_tokens=2))
+            assert outputs[-1].completion_tokens == 2
+
+    run(main())
