@@ -9,6 +9,14 @@ work stays off the engine thread.
 
 Context length: a prompt that does not fit ``max_model_len`` (or leaves no room for one token) is refused with
 :class:`PromptTooLongError`; otherwise generation is clamped to the room left and then finishes with ``length``.
+
+Queue: ``max_queue`` bounds requests waiting beyond the free slots of the running batch, so ``max_queue=0``
+admits a request while a slot is free and refuses it (:class:`QueueFullError`) when the batch is full.
+
+CPU deployment notes (measured on a shared 2-core box): with more torch threads than idle cores, every op waits at
+an OpenMP barrier (1 thread was 2-10× faster there); and glibc returning large activation buffers to the OS makes
+each big elementwise op page-fault (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set high, or jemalloc,
+avoid it). Neither is the engine's to set: they are process-wide.
 """
 
 from __future__ import annotations
