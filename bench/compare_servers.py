@@ -61,8 +61,16 @@ class Scenario:
     rounds: int | None = None  # None: --rounds
 
 
-def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, layers: list[int]) -> list[Scenario]:
-    """The §9 scenarios. ``layers``: the adapter's trained layers (for the 8 distinct configs)."""
+def top5_layers(config: Any) -> list[int]:
+    """The adapter's 5 trained layers with the best probe accuracy (the seed's default k = 5), sorted."""
+    ranked = sorted(config.layers, key=lambda layer: -config.probe_accuracy.get(layer, 0.0))
+    return sorted(ranked[:5])
+
+
+def build_scenarios(
+    args: argparse.Namespace, tserve_model: str, base: str, layers: list[int], top5: list[int]
+) -> list[Scenario]:
+    """The §9 scenarios. ``layers``: the adapter's trained layers; ``top5``: its 5 best (see :func:`top5_layers`)."""
     q = args.quick
     c32 = 8 if q else 32
     waves = c32 * (1 if q else args.waves)  # requests per run
@@ -72,15 +80,15 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
     tserve_eos = {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
     tserve = Config("transformers serve --cb", "tserve", tserve_model, extra_body=tserve_eos, ignore_eos=False)
     hpr_base = Config("hpr-serve, no edit", "hpr", base)
-    top5 = Config("hpr-serve, HPR top-5 (selected)", "hpr", ADAPTER, [{"layers": "selected"}])
+    top5_cfg = Config("hpr-serve, HPR top-5", "hpr", ADAPTER, [{"layers": top5}])
     every = Config(f"hpr-serve, HPR all {len(layers)} layers", "hpr", ADAPTER, [{"layers": "all"}])
     chunks = [layers[i : i + 5] for i in range(0, len(layers), 5)][:6]
-    distinct = [{"layers": chunk} for chunk in chunks] + [{"layers": "selected", "alpha": a} for a in (0.5, 1.5)]
+    distinct = [{"layers": chunk} for chunk in chunks] + [{"layers": top5, "alpha": a} for a in (0.5, 1.5)]
     return [
         Scenario(
             "tserve",
             f"hpr-serve vs transformers serve --continuous-batching, {c32} streams",
-            [tserve, hpr_base, top5],
+            [tserve, hpr_base, top5_cfg],
             c32,
             c32,
             **tserve_len,
@@ -92,12 +100,12 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
         Scenario(
             "edits",
             f"HPR edit cost on hpr-serve, {c32} streams",
-            [hpr_base, top5, every],
+            [hpr_base, top5_cfg, every],
             c32,
             waves,
             **stream_len,
             targets=[
-                ("top-5 / no edit ≥ 0.98 (≤ 2 % cost)", top5.label, hpr_base.label, 0.98),
+                ("top-5 / no edit ≥ 0.98 (≤ 2 % cost)", top5_cfg.label, hpr_base.label, 0.98),
                 ("all layers / no edit ≥ 0.92 (≤ 8 % cost)", every.label, hpr_base.label, 0.92),
             ],
         ),
@@ -105,7 +113,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
             "mixed",
             f"{len(distinct)} distinct edit configs vs one config among {c32} streams (5 layers each)",
             [
-                Config("hpr-serve, one config (top-5)", "hpr", ADAPTER, [{"layers": "selected"}]),
+                Config("hpr-serve, one config (top-5)", "hpr", ADAPTER, [{"layers": top5}]),
                 Config(f"hpr-serve, {len(distinct)} distinct configs", "hpr", ADAPTER, distinct),
             ],
             c32,
@@ -129,7 +137,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
                     "hpr-serve, HPR top-5, scope generated",
                     "hpr",
                     ADAPTER,
-                    [{"layers": "selected", "scope": "generated"}],
+                    [{"layers": top5, "scope": "generated"}],
                 ),
             ],
             8,
@@ -146,7 +154,7 @@ def build_scenarios(args: argparse.Namespace, tserve_model: str, base: str, laye
             "batch-1 decode (one stream; bound ≈ 34 tok/s fp32 here)",
             [
                 hpr_base,
-                Config("hpr-serve, HPR top-5 (selected)", "hpr", ADAPTER, [{"layers": "selected"}]),
+                top5_cfg,
                 tserve,
             ],
             1,
@@ -373,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter_cfg = HPRAdapter.load(adapter_dir).config
     tserve_dir = transformers_serve_model_dir(work)
     base = "smollm2-135m-instruct"
-    by_name = {s.name: s for s in build_scenarios(args, str(tserve_dir), base, adapter_cfg.layers)}
+    top5 = top5_layers(adapter_cfg)
+    by_name = {s.name: s for s in build_scenarios(args, str(tserve_dir), base, adapter_cfg.layers, top5)}
     scenarios = [by_name[name] for name in wanted if name in by_name]  # in the order asked for
     unknown = set(wanted) - set(by_name)
     if unknown:
@@ -423,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(adapter_dir),
                 "--adapter-name",
                 ADAPTER,
+                "--layers",
+                ",".join(map(str, top5)),
                 "--port",
                 "{port}",
             ],
@@ -430,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             base,
         ),
     }
-    print(f"adapter: {adapter_note}; trained layers {adapter_cfg.layers}, selected {adapter_cfg.selected_layers}")
+    print(
+        f"adapter: {adapter_note}; trained layers {adapter_cfg.layers}, selected {adapter_cfg.selected_layers}, "
+        f"top-5 by probe accuracy (what the 'top-5' configurations edit) {top5}"
+    )
     for server in servers.values():
         server.threads = args.threads
     print(f"logs: {log_dir}; load average at start: {os.getloadavg()}; server threads: {args.threads or 'default'}")
