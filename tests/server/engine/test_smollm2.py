@@ -42,7 +42,6 @@ def random_smollm2_adapter(loaded: LoadedModel) -> HPRAdapter:
     return adapter.eval()
 
 
-@pytest.mark.slow  # ~10 s on an idle 2-core machine, minutes when it is shared
 def test_smollm2_batched_edits_match_each_alone(smollm2: LoadedModel) -> None:
     editor = HPREditor(smollm2.model, {"random": random_smollm2_adapter(smollm2)})
     try:
