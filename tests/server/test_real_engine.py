@@ -123,8 +123,9 @@ def test_dropped_stream_frees_its_slot(real_server: Any) -> None:
     engine = real_server.engine
     body = {"prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", real_server.api_base + "/completions", json=body, timeout=60) as response:
-        for _ in zip(range(3), response.iter_lines(), strict=False):
-            pass
+        lines = response.iter_lines()  # keep a reference: dropping the iterator closes the stream
+        for _ in range(3):
+            next(lines)
         assert engine.running + engine.queue_depth >= 1
     deadline = time.monotonic() + 20
     while engine.running + engine.queue_depth > 0:
@@ -137,7 +138,8 @@ def test_overload_with_the_real_engine_is_429(tiny_settings: ServerSettings) -> 
     with run_server(settings) as live:
         body = {"prompt": "x", "max_tokens": 240, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", live.api_base + "/completions", json=body, timeout=60) as response:
-            next(response.iter_lines())
+            lines = response.iter_lines()  # keep a reference: dropping the iterator closes the stream
+            next(lines)
             refused = httpx.post(live.api_base + "/completions", json={"prompt": "y", "max_tokens": 1}, timeout=60)
             assert refused.status_code == 429 and "retry-after" in refused.headers
             assert refused.json()["error"]["code"] == "queue_full"
