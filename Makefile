@@ -13,7 +13,7 @@ PORT ?= 8000
 # Extra pip arguments, e.g. PIP_ARGS="--find-links /wheels" for offline builds.
 PIP_ARGS ?=
 
-.PHONY: setup setup-dev model checkpoint serve test lint bench clean
+.PHONY: setup setup-dev model checkpoint eval serve test lint clean
 
 $(STAMP)-venv:
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +38,13 @@ setup-dev: $(STAMP)-dev model
 model: $(STAMP)-runtime
 	$(PY) -m hpr.prepare
 
-## Train + evaluate the TruthfulQA checkpoint once (skipped when it exists).
+## Train the TruthfulQA checkpoint once (hpr-train resumes and skips every stage already done).
 checkpoint: setup
-	@if [ -f $(CHECKPOINT)/hpr_config.json ] && [ -f $(RUN_DIR)/eval.json ]; then \
-		echo "checkpoint $(CHECKPOINT) exists"; \
-	else \
-		$(BIN)/hpr-train run --out $(RUN_DIR); \
-	fi
+	$(BIN)/hpr-train run --out $(RUN_DIR) --skip-eval
+
+## MC1/MC2 of that checkpoint on the test split, base vs edited: $(RUN_DIR)/eval.json.
+eval: checkpoint
+	$(BIN)/hpr-train eval --out $(RUN_DIR)
 
 serve: checkpoint
 	$(BIN)/hpr-serve --adapter truthfulqa=$(CHECKPOINT) --host $(HOST) --port $(PORT)

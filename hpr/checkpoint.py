@@ -9,6 +9,7 @@ Our format (``hpr_config.json`` + ``hpr_model.safetensors``, keys ``layers.<l>.p
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hpr.errors import CheckpointError
-from hpr.householder import HPRLayer, default_widths
+from hpr.householder import MAX_ALPHA, HPRLayer, default_widths
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "hpr_config.json"
@@ -49,6 +50,9 @@ class HPRConfig:
     angle_widths: list[int] = field(
         default_factory=list, metadata={"help": "Angle-MLP widths h, h/2, ... (the final → 1 is implicit)."}
     )
+    default_alpha: float = field(
+        default=1.0, metadata={"help": "Edit strength used when a request gives none (the one evaluated in training)."}
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Checkpoint format version."})
     training: dict[str, Any] = field(default_factory=dict, metadata={"help": "Provenance: data, seed, options."})
 
@@ -70,6 +74,8 @@ class HPRConfig:
         missing = sorted(set(self.selected_layers) - set(self.layers))
         if missing:
             raise CheckpointError(f"selected layers {missing} have no trained module (trained: {self.layers})")
+        if not math.isfinite(self.default_alpha) or not 0.0 <= self.default_alpha <= MAX_ALPHA:
+            raise CheckpointError(f"default_alpha must be finite and in [0, {MAX_ALPHA}], got {self.default_alpha}")
         if self.format_version > FORMAT_VERSION:
             raise CheckpointError(f"format_version {self.format_version} is newer than this reader ({FORMAT_VERSION})")
 

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from hpr.checkpoint import HPRAdapter
 from hpr.decoder_layers import find_decoder_layers, layer_output_tensor, replace_layer_output
 from hpr.errors import EditSpecError, UnknownAdapterError
+from hpr.householder import MAX_ALPHA
 
 Scope = Literal["all", "generated"]
-MAX_ALPHA = 4.0
 STAT_FIELDS = ("tokens", "rotated", "angle_sum")  # per (row, layer) accumulators in EditPlan.stats
 
 
@@ -218,14 +218,23 @@ class HPREditor:
         self.adapters[name] = adapter.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
 
     def resolve(
-        self, adapter: str, layers: str | Sequence[int] | None = "selected", alpha: float = 1.0, scope: Scope = "all"
+        self,
+        adapter: str,
+        layers: str | Sequence[int] | None = "selected",
+        alpha: float | None = None,
+        scope: Scope = "all",
     ) -> EditSpec:
-        """Validate a request's edit against the loaded adapters and return the spec to put in a plan."""
+        """Validate a request's edit against the loaded adapters and return the spec to put in a plan.
+
+        ``alpha=None`` takes the adapter's ``default_alpha`` (the strength its training evaluated).
+        """
         if adapter not in self.adapters:
             raise UnknownAdapterError(
                 f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters)})", "hpr.adapter"
             )
-        return EditSpec(adapter=adapter, layers=parse_layers(layers, self.adapters[adapter]), alpha=alpha, scope=scope)
+        chosen = self.adapters[adapter]
+        strength = chosen.config.default_alpha if alpha is None else alpha
+        return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=scope)
 
     @contextmanager
     def apply(self, plan: EditPlan | None) -> Iterator[EditPlan | None]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+MAX_ALPHA = 4.0  # largest accepted edit strength (θ = α·π·σ(·) may then go round up to twice)
+
 # Below this, γ is treated as 0 or π and the token is left alone: the rotation plane is undefined there.
 SIN_GAMMA_EPS = 1e-6
 

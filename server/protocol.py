@@ -30,7 +30,11 @@ class HPRRequest(OpenAIModel):
         description="'selected' (the adapter's chosen layers), 'all' (every trained layer), 'none', "
         "a list of layer indices, or a string such as '10-14,20'.",
     )
-    alpha: float = Field(default=1.0, description="Edit strength in [0, 4]; 0 leaves activations unchanged.")
+    alpha: float | None = Field(
+        default=None,
+        description="Edit strength in [0, 4]; 0 leaves activations unchanged. Default: the adapter's `default_alpha` "
+        "(the strength its training evaluated; 1 for checkpoints that do not record one).",
+    )
     scope: Literal["all", "generated"] = Field(
         default="all",
         description="'all' edits every position; 'generated' only the last prompt token and generated ones.",

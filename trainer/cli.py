@@ -168,7 +168,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--alpha",
         type=float,
         default=2.0,
-        help="edit strength for the evaluation, recorded in the checkpoint as recommended_alpha "
+        help="edit strength for the evaluation, recorded in the checkpoint as default_alpha "
         "[2.0, chosen on the eval split]",
     )
     s.add_argument(
@@ -200,6 +200,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="score the evaluated split in N processes of one thread each [one per core, max 4, for 64+ questions]",
     )
     s.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the CIs [10000]")
+    s.add_argument(
+        "--skip-eval",
+        action="store_true",
+        help="run: stop after select (train a checkpoint to serve; evaluate later with `hpr-train eval`)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> P.RunConfig:
@@ -246,6 +251,7 @@ def config_from_args(args: argparse.Namespace) -> P.RunConfig:
         pick_best=args.pick_best,
         bootstrap=args.bootstrap,
         eval_workers=args.eval_workers,
+        skip_eval=args.skip_eval,
         progress=not args.no_progress,
     )
 

@@ -69,6 +69,7 @@ class RunConfig:
     pick_best: bool = False
     bootstrap: int = 10000
     eval_workers: int | None = 1  # None = auto: one per core (max 4) for 64+ questions, else 1
+    skip_eval: bool = False  # run_all stops after select
     progress: bool = True
 
     @property
@@ -271,7 +272,7 @@ def stage_select(cfg: RunConfig) -> dict[str, Any]:
     selected = select_layers(accuracy, cfg.top_k, cfg.min_accuracy)
     adapter.config.selected_layers = selected
     adapter.config.training["selection"] = {"top_k": cfg.top_k, "min_accuracy": cfg.min_accuracy}
-    adapter.config.training["recommended_alpha"] = cfg.alpha  # the alpha evaluated in eval.json
+    adapter.config.default_alpha = cfg.alpha  # the alpha evaluated in eval.json; served when a request gives none
     adapter.save(cfg.checkpoint_dir)
     plot = plot_probe_accuracy(accuracy, selected, cfg.checkpoint_dir / "probe_accuracy.png")
     return {"selected_layers": selected, "selected_accuracy": {k: accuracy[k] for k in selected}, "plot": str(plot)}
@@ -402,7 +403,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         ("extract", lambda: stage_extract(cfg, cache)),
         ("fit", lambda: stage_fit(cfg)),
         ("select", lambda: stage_select(cfg)),
-        ("eval", lambda: stage_eval(cfg, cache, required=cfg.pairs_file is None)),
+        ("eval", lambda: {"skipped": "--skip-eval"} if cfg.skip_eval else stage_eval(cfg, cache, not cfg.pairs_file)),
     ]
     for name, stage in stages:
         t = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Precedence: ``model`` names the base model or an adapter; ``hpr.adapter`` names an adapter explicitly. Both may
 be given only if they agree — ``model: "a"`` with ``hpr.adapter: "b"`` is a 400 on ``hpr.adapter`` rather than a
-silent choice. ``model`` = an adapter id without ``hpr`` means that adapter's selected layers at alpha 1.
+silent choice. ``model`` = an adapter id without ``hpr`` means that adapter's selected layers at its ``default_alpha``.
 """
 
 from __future__ import annotations

@@ -69,3 +69,15 @@ def test_saved_files_are_readable_by_other_users(tmp_path: Path) -> None:
     path = make_random_adapter().save(tmp_path / "a")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (path / name).stat().st_mode & 0o044 == 0o044, name
+
+
+def test_default_alpha_round_trips_and_is_validated(tmp_path: Path) -> None:
+    adapter = make_random_adapter()
+    adapter.config.default_alpha = 2.0
+    adapter.save(tmp_path / "ckpt")
+    assert HPRAdapter.load(tmp_path / "ckpt").config.default_alpha == 2.0
+    data = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    data["default_alpha"] = 9.0
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="default_alpha"):
+        HPRAdapter.load(tmp_path / "ckpt")

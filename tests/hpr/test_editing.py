@@ -134,3 +134,14 @@ def test_bf16_model_edits_stay_finite() -> None:
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     finally:
         editor.detach()
+
+
+def test_resolve_without_alpha_takes_the_adapter_default(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    adapter = make_random_adapter()
+    adapter.config.default_alpha = 2.0
+    editor = HPREditor(tiny_model, {"a": adapter})
+    try:
+        assert editor.resolve("a").alpha == 2.0
+        assert editor.resolve("a", alpha=0.5).alpha == 0.5
+    finally:
+        editor.detach()
