@@ -86,11 +86,7 @@ class ServingChat:
             created=now(),
             model=model,
             choices=choices,
-            usage=UsageInfo(
-                prompt_tokens=len(prompt_ids),
-                completion_tokens=completion_tokens,
-                total_tokens=len(prompt_ids) + completion_tokens,
-            ),
+            usage=UsageInfo.count(len(prompt_ids), completion_tokens),
             hpr=edit.applied,
         )
 
@@ -130,5 +126,5 @@ class ServingChat:
             yield chunk([choice])
         if include_usage:
             total = sum(completion_tokens)
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total)
+            usage = UsageInfo.count(prompt_tokens, total)
             yield chunk([], usage=usage)

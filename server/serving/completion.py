@@ -83,11 +83,7 @@ class ServingCompletion:
             created=now(),
             model=model,
             choices=choices,
-            usage=UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=UsageInfo.count(prompt_tokens, completion_tokens),
             hpr=edit.applied,
         )
 
@@ -149,5 +145,5 @@ class ServingCompletion:
             yield chunk_json(CompletionChunk(id=response_id, created=created, model=model, choices=[choice], hpr=hpr))
         if include_usage:
             total = sum(completion_tokens)
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total)
+            usage = UsageInfo.count(prompt_tokens, total)
             yield chunk_json(CompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage))
