@@ -53,6 +53,13 @@ class HPRConfig:
     default_alpha: float = field(
         default=1.0, metadata={"help": "Edit strength used when a request gives none (the one evaluated in training)."}
     )
+    default_scope: str = field(
+        default="all",
+        metadata={
+            "help": "Positions edited when a request gives no scope: 'all' (every position) or 'generated' (the last "
+            "prompt token and the generated ones). Chosen, like default_alpha, by the generation-mode evaluation."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Checkpoint format version."})
     training: dict[str, Any] = field(default_factory=dict, metadata={"help": "Provenance: data, seed, options."})
 
@@ -76,6 +83,8 @@ class HPRConfig:
             raise CheckpointError(f"selected layers {missing} have no trained module (trained: {self.layers})")
         if not math.isfinite(self.default_alpha) or not 0.0 <= self.default_alpha <= MAX_ALPHA:
             raise CheckpointError(f"default_alpha must be finite and in [0, {MAX_ALPHA}], got {self.default_alpha}")
+        if self.default_scope not in ("all", "generated"):
+            raise CheckpointError(f"default_scope must be 'all' or 'generated', got {self.default_scope!r}")
         if self.format_version > FORMAT_VERSION:
             raise CheckpointError(f"format_version {self.format_version} is newer than this reader ({FORMAT_VERSION})")
 

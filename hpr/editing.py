@@ -222,11 +222,12 @@ class HPREditor:
         adapter: str,
         layers: str | Sequence[int] | None = "selected",
         alpha: float | None = None,
-        scope: Scope = "all",
+        scope: Scope | None = None,
     ) -> EditSpec:
         """Validate a request's edit against the loaded adapters and return the spec to put in a plan.
 
-        ``alpha=None`` takes the adapter's ``default_alpha`` (the strength its training evaluated).
+        ``alpha=None`` takes the adapter's ``default_alpha`` and ``scope=None`` its ``default_scope`` (the
+        settings its evaluation chose).
         """
         if adapter not in self.adapters:
             raise UnknownAdapterError(
@@ -234,7 +235,8 @@ class HPREditor:
             )
         chosen = self.adapters[adapter]
         strength = chosen.config.default_alpha if alpha is None else alpha
-        return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=scope)
+        where: Any = chosen.config.default_scope if scope is None else scope
+        return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=where)
 
     @contextmanager
     def apply(self, plan: EditPlan | None) -> Iterator[EditPlan | None]:

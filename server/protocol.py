@@ -35,9 +35,10 @@ class HPRRequest(OpenAIModel):
         description="Edit strength in [0, 4]; 0 leaves activations unchanged. Default: the adapter's `default_alpha` "
         "(the strength its training evaluated; 1 for checkpoints that do not record one).",
     )
-    scope: Literal["all", "generated"] = Field(
-        default="all",
-        description="'all' edits every position; 'generated' only the last prompt token and generated ones.",
+    scope: Literal["all", "generated"] | None = Field(
+        default=None,
+        description="'all' edits every position; 'generated' only the last prompt token and generated ones. "
+        "Default: the adapter's `default_scope` ('all' for checkpoints that do not record one).",
     )
     return_stats: bool = Field(default=False, description="Return per-layer edit statistics with each choice.")
 

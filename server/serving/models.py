@@ -15,6 +15,8 @@ def adapter_info(adapter: HPRAdapter) -> dict[str, object]:
         "trained_layers": list(config.layers),
         "selected_layers": list(config.selected_layers),
         "probe_accuracy": {str(layer): acc for layer, acc in sorted(config.probe_accuracy.items())},
+        "default_alpha": config.default_alpha,
+        "default_scope": config.default_scope,
         "format": "seed" if config.training.get("source_format") == "seed" else "hpr",
     }
 

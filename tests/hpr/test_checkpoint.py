@@ -81,3 +81,16 @@ def test_default_alpha_round_trips_and_is_validated(tmp_path: Path) -> None:
     (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="default_alpha"):
         HPRAdapter.load(tmp_path / "ckpt")
+
+
+def test_default_scope_round_trips_and_is_validated(tmp_path: Path) -> None:
+    adapter = make_random_adapter()
+    assert adapter.config.default_scope == "all"  # checkpoints that do not record one keep the old behaviour
+    adapter.config.default_scope = "generated"
+    adapter.save(tmp_path / "ckpt")
+    assert HPRAdapter.load(tmp_path / "ckpt").config.default_scope == "generated"
+    data = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    data["default_scope"] = "prompt"
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"hpr_config\.json.*default_scope"):
+        HPRAdapter.load(tmp_path / "ckpt")

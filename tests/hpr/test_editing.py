@@ -145,3 +145,14 @@ def test_resolve_without_alpha_takes_the_adapter_default(tiny_model) -> None:  #
         assert editor.resolve("a", alpha=0.5).alpha == 0.5
     finally:
         editor.detach()
+
+
+def test_resolve_without_scope_takes_the_adapter_default(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    adapter = make_random_adapter()
+    adapter.config.default_scope = "generated"
+    editor = HPREditor(tiny_model, {"a": adapter})
+    try:
+        assert editor.resolve("a").scope == "generated"
+        assert editor.resolve("a", scope="all").scope == "all"
+    finally:
+        editor.detach()

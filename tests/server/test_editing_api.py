@@ -105,3 +105,27 @@ def test_retrieve_one_model(fake_server: Any) -> None:
     assert client.models.retrieve("tiny-llama").id == "tiny-llama"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+
+
+def test_adapter_defaults_apply_when_the_request_gives_none(tiny_model_dir: Any, tmp_path: Any) -> None:
+    """A checkpoint's default_alpha and default_scope (chosen by the generation-mode eval) are what it serves."""
+    from server.settings import ServerSettings
+    from tests.conftest import make_random_adapter
+    from tests.server.fake_engine import FakeEngine
+    from tests.server.live_server import run_server
+
+    adapter = make_random_adapter()
+    adapter.config.default_alpha, adapter.config.default_scope = 1.5, "generated"
+    path = adapter.save(tmp_path / "chat")
+    settings = ServerSettings(model=str(tiny_model_dir), adapter=[f"chat={path}"], device="cpu", dtype="float32")
+    with run_server(settings, FakeEngine) as live:
+        assert chat(live, model="chat").json()["hpr"] == {
+            "adapter": "chat",
+            "layers": [0, 1],
+            "alpha": 1.5,
+            "scope": "generated",
+        }
+        overridden = chat(live, model="chat", hpr={"alpha": 0.5, "scope": "all"}).json()["hpr"]
+        assert (overridden["alpha"], overridden["scope"]) == (0.5, "all")
+        card = httpx.get(live.api_base + "/models/chat", timeout=30).json()
+        assert (card["hpr"]["default_alpha"], card["hpr"]["default_scope"]) == (1.5, "generated")
