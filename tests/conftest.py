@@ -70,3 +70,31 @@ def truthfulqa_dir() -> Path:
     if not (TRUTHFULQA_DIR / "mc_task.json").exists():
         pytest.skip(f"TruthfulQA not found at {TRUTHFULQA_DIR}")
     return TRUTHFULQA_DIR
+
+
+def find_seed_checkpoint() -> Path | None:
+    """The checkpoint written by the reference code: ``$HPR_SEED_CHECKPOINT_DIR``, else
+    ``../shared/fixtures/seed-checkpoint`` relative to the cwd or to this checkout (as ``default_data_dir`` does)."""
+    env = os.environ.get("HPR_SEED_CHECKPOINT_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [base / "shared" / "fixtures" / "seed-checkpoint" for base in (Path.cwd().parent, REPO_ROOT.parent)]
+    return next((path for path in candidates if (path / "guidance_config.json").is_file()), None)
+
+
+def require_shared_fixture(found: Path | None, what: str) -> Path:
+    """``found``, else skip with a message; under ``CI=true`` a missing fixture fails instead of skipping."""
+    if found is not None:
+        return found
+    message = f"{what} not found"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message}, and CI requires it", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def seed_checkpoint_dir() -> Path:
+    """``../shared/fixtures/seed-checkpoint`` (read-only: tests that alter it copy it to ``tmp_path`` first)."""
+    where = REPO_ROOT.parent / "shared" / "fixtures" / "seed-checkpoint"
+    return require_shared_fixture(
+        find_seed_checkpoint(), f"seed checkpoint fixture ({where} or $HPR_SEED_CHECKPOINT_DIR)"
+    )
