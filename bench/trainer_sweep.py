@@ -38,7 +38,11 @@ def main() -> None:
     if data_dir is None:
         raise SystemExit("TruthfulQA not found: set HPR_TRUTHFULQA_DIR")
     qs = load_truthfulqa(data_dir)
-    splits = load_splits(data_dir / "ids_splits.json", len(qs))
+    run_data = args.out / "data.json"  # the run's own split (it may have used --split-ratios or --splits-file)
+    if run_data.is_file():
+        splits = {k: v["indices"] for k, v in json.loads(run_data.read_text())["splits"].items()}
+    else:
+        splits = load_splits(data_dir / "ids_splits.json", len(qs))
     ids = splits["eval"] if args.split == "eval" else splits["train"][-args.holdout :]
     questions = select(qs, ids)
     lm = load_model(args.model)

@@ -3,6 +3,7 @@
 hpr-train run --out runs/truthfulqa                 # every stage; re-running resumes
 hpr-train run --out runs/smoke --max-questions 8    # the same pipeline on a subset
 hpr-train {data,extract,fit,select,eval} --out DIR  # one stage (earlier stages must have run)
+hpr-train eval-gen --out DIR --split eval            # the edit as a chat model: answers through hpr-serve
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hpr.errors import HPRError
 from hpr.model import EMBEDDED_MODEL_ID
 from trainer import pipeline as P
 from trainer.activations import ExtractOptions
+from trainer.cli_eval_gen import add_eval_gen_parser, run_eval_gen_cli
 from trainer.fit import FitOptions
 from trainer.prompts import FORMATS
 
@@ -107,7 +109,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--answers",
         choices=("mc2", "csv"),
         default="mc2",
-        help="answer texts: mc2 targets of mc_task.json, or the generation answers of TruthfulQA.csv [mc2]",
+        help="answer texts to train on: mc2 targets of mc_task.json, or the generation answers of TruthfulQA.csv; "
+        "MC1/MC2 are always scored on mc_task.json's standard targets [mc2]",
     )
     d.add_argument("--max-questions", type=int, default=None, help="use only the first N questions of each split")
     d.add_argument(
@@ -167,9 +170,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--alpha",
         type=float,
-        default=2.0,
-        help="edit strength for the evaluation, recorded in the checkpoint as default_alpha "
-        "[2.0, chosen on the eval split]",
+        default=None,
+        help="select: the strength recorded in the checkpoint as default_alpha [2.0, the scoring-mode MC optimum "
+        "on the eval split]; eval: the strength to score [the checkpoint's default_alpha]",
+    )
+    s.add_argument(
+        "--scope",
+        choices=("all", "generated"),
+        default=None,
+        help="select: the positions recorded as default_scope [all]; eval: the scope to score "
+        "[the checkpoint's default_scope]",
     )
     s.add_argument(
         "--eval-split", choices=("test", "eval", "train"), default="test", help="split to report MC1/MC2 on [test]"
@@ -191,7 +201,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--pick-best",
         action="store_true",
-        help="evaluate the test split with the sweep's best (k, alpha) on the eval split",
+        help="evaluate the test split with the sweep's best (k, alpha) on the eval split, and write them into the "
+        "checkpoint (selected_layers, default_alpha)",
     )
     s.add_argument(
         "--eval-workers",
@@ -245,6 +256,7 @@ def config_from_args(args: argparse.Namespace) -> P.RunConfig:
         top_k=args.top_k,
         min_accuracy=args.min_accuracy,
         alpha=args.alpha,
+        scope=args.scope,
         eval_split=args.eval_split,
         sweep_k=args.sweep_k,
         sweep_alpha=args.sweep_alpha,
@@ -273,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (help_text, _fn) in STAGES.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    add_eval_gen_parser(sub)
     return parser
 
 
@@ -295,6 +308,8 @@ def _summary(stage: str, result: Any) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.stage == "eval-gen":
+        return run_eval_gen_cli(args)
     cfg = config_from_args(args)
     P.set_threads(cfg.threads)
     start = time.perf_counter()

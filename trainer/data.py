@@ -121,12 +121,8 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def load_truthfulqa_csv(data_dir: str | os.PathLike[str], mc_questions: Sequence[Question]) -> list[Question]:
-    """The generation-task answers of ``TruthfulQA.csv`` (``; ``-separated), indexed like ``mc_task.json``.
-
-    Rows are matched to ``mc_questions`` by question text (the two files are in different orders); questions
-    without a CSV row keep their mc2 answers. MC1 targets are kept from ``mc_questions``.
-    """
+def _csv_answers(data_dir: str | os.PathLike[str]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """``TruthfulQA.csv``'s generation answers (``; ``-separated) by normalised question text."""
     file = Path(data_dir) / CSV_FILE
     if not file.is_file():
         raise DataError(f"{file}: file not found")
@@ -141,19 +137,45 @@ def load_truthfulqa_csv(data_dir: str | os.PathLike[str], mc_questions: Sequence
         raise DataError(f"{file}: cannot read CSV: {exc}") from exc
     if not rows:
         raise DataError(f"{file}: no rows")
-    by_question: dict[str, dict[str, str]] = {_norm(r["Question"] or ""): r for r in rows}
+    out: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    for r in rows:
+        correct = tuple(a.strip() for a in (r["Correct Answers"] or "").split(";") if a.strip())
+        incorrect = tuple(a.strip() for a in (r["Incorrect Answers"] or "").split(";") if a.strip())
+        out[_norm(r["Question"] or "")] = (correct, incorrect)
+    return out
+
+
+def load_truthfulqa_csv(data_dir: str | os.PathLike[str], mc_questions: Sequence[Question]) -> list[Question]:
+    """The generation-task answers of ``TruthfulQA.csv`` (``; ``-separated), indexed like ``mc_task.json``.
+
+    Rows are matched to ``mc_questions`` by question text (the two files are in different orders); questions
+    without a CSV row keep their mc2 answers. MC1 targets are kept from ``mc_questions``.
+    """
+    by_question = _csv_answers(data_dir)
     out: list[Question] = []
     for q in mc_questions:
-        row = by_question.get(_norm(q.question))
-        if row is None:
-            out.append(q)
-            continue
-        correct = tuple(a.strip() for a in (row["Correct Answers"] or "").split(";") if a.strip())
-        incorrect = tuple(a.strip() for a in (row["Incorrect Answers"] or "").split(";") if a.strip())
+        correct, incorrect = by_question.get(_norm(q.question), ((), ()))
         if not correct or not incorrect:
             out.append(q)
             continue
         out.append(Question(q.index, q.question, correct, incorrect, (), q.mc1_correct, q.mc1_incorrect))
+    return out
+
+
+def generation_references(
+    data_dir: str | os.PathLike[str], questions: Sequence[Question]
+) -> dict[int, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(correct, incorrect) generation references of every question, from ``TruthfulQA.csv``, by question index.
+
+    Raises :class:`DataError` naming the questions that have no row with both kinds of answer."""
+    by_question = _csv_answers(data_dir)
+    out = {q.index: by_question.get(_norm(q.question), ((), ())) for q in questions}
+    missing = [i for i, (c, w) in out.items() if not c or not w]
+    if missing:
+        raise DataError(
+            f"{Path(data_dir) / CSV_FILE}: no generation references (correct and incorrect answers) for "
+            f"{len(missing)} question(s), indices {missing[:10]}"
+        )
     return out
 
 

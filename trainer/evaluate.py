@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from hpr.checkpoint import HPRAdapter
-from hpr.editing import EditPlan, HPREditor
+from hpr.editing import EditPlan, EditSpec, HPREditor, Scope
 from trainer.data import Question
-from trainer.prefix_cache import ForwardContext, PrefixRunner, no_edit, plan_batches
+from trainer.prefix_cache import ForwardContext, FrozenCache, PrefixRunner, no_edit, plan_batches
 from trainer.prompts import common_prefix_length, qa_context
 
 
@@ -57,28 +57,80 @@ def mc_metrics(question: Question, loglik: dict[str, float]) -> tuple[float, flo
     return mc1, float(torch.exp(log_true - log_all))
 
 
+@dataclass(frozen=True)
+class PassContexts:
+    """The context of each kind of forward pass when scoring: the prefix every prompt shares, a question's own
+    prompt (continuing it), and its answers (continuing that). One edit on all three is scope ``all``."""
+
+    shared: ForwardContext = no_edit
+    prompt: ForwardContext = no_edit
+    answers: ForwardContext = no_edit
+
+    @classmethod
+    def every_pass(cls, context: ForwardContext) -> PassContexts:
+        return cls(context, context, context)
+
+
+def answer_logprobs(
+    runner_prompt: PrefixRunner,
+    runner_answers: PrefixRunner,
+    prefix: FrozenCache | None,
+    prompt: Sequence[int],
+    rows: Sequence[Sequence[int]],
+    batch_tokens: int,
+) -> list[list[float]]:
+    """Per-token log-probabilities of each of ``rows`` as the continuation of ``prefix`` + ``prompt``."""
+    q_cache, last = runner_prompt.extend(prefix, prompt)
+    assert last is not None
+    first_logp = torch.log_softmax(last, dim=-1)  # (V,)
+    out: list[list[float]] = [[] for _ in rows]
+    nonempty = [i for i, r in enumerate(rows) if r]
+    for batch in plan_batches([len(rows[i]) for i in nonempty], batch_tokens):
+        chosen = [nonempty[b] for b in batch]
+        output, _valid = runner_answers.continue_batch(q_cache, [rows[i] for i in chosen])
+        logp = torch.log_softmax(output.logits.float(), dim=-1)  # (B, T, V)
+        for j, i in enumerate(chosen):
+            ids = rows[i]
+            values = [float(first_logp[ids[0]])]
+            if len(ids) > 1:
+                targets = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
+                values += logp[j, : len(ids) - 1].gather(-1, targets[:, None])[:, 0].tolist()
+            out[i] = values
+    return out
+
+
 @torch.inference_mode()
 def score_questions(
     model: torch.nn.Module,
     tokenizer: Any,
     questions: Sequence[Question],
-    context: ForwardContext = no_edit,
+    context: ForwardContext | PassContexts = no_edit,
     batch_tokens: int = 2048,
     desc: str = "score",
     progress: bool = True,
+    prompts: Sequence[Sequence[int]] | None = None,
+    answer_prefix: str = " ",
 ) -> list[MCScore]:
-    """MC1/MC2 of each question under ``context`` (e.g. an HPR edit plan per batch size)."""
-    runner = PrefixRunner(model, context=context)
-    contexts = [_ids(tokenizer, qa_context(q.question)) for q in questions]
+    """MC1/MC2 of each question under ``context`` (e.g. an HPR edit plan per batch size).
+
+    ``prompts`` are the questions' prompt token ids (default: lm-eval's 6-shot QA context); each answer is scored
+    as ``answer_prefix + answer`` tokenized on its own (" " after "A:", "" after a chat template's assistant turn).
+    """
+    passes = context if isinstance(context, PassContexts) else PassContexts.every_pass(context)
+    shared_runner = PrefixRunner(model, context=passes.shared)
+    prompt_runner = PrefixRunner(model, context=passes.prompt)
+    answer_runner = PrefixRunner(model, context=passes.answers)
+    contexts = (
+        [list(p) for p in prompts]
+        if prompts is not None
+        else [_ids(tokenizer, qa_context(q.question)) for q in questions]
+    )
     shared = common_prefix_length(contexts)
-    primer, _ = runner.extend(None, contexts[0][:shared]) if shared else (None, None)
+    primer, _ = shared_runner.extend(None, contexts[0][:shared]) if shared else (None, None)
     out: list[MCScore] = []
     for question, ctx in tqdm(
         list(zip(questions, contexts, strict=True)), desc=desc, unit="q", disable=not progress, leave=False
     ):
-        q_cache, last = runner.extend(primer, ctx[shared:])
-        assert last is not None
-        first_logp = torch.log_softmax(last, dim=-1)  # (V,)
         texts = list(
             dict.fromkeys(
                 [
@@ -89,31 +141,33 @@ def score_questions(
                 ]
             )
         )
-        rows = [_ids(tokenizer, " " + t) for t in texts]
-        loglik: dict[str, float] = {}
-        for batch in plan_batches([len(r) for r in rows], batch_tokens):
-            output, _valid = runner.continue_batch(q_cache, [rows[i] for i in batch])
-            logp = torch.log_softmax(output.logits.float(), dim=-1)  # (B, T, V)
-            for j, i in enumerate(batch):
-                ids = rows[i]
-                total = float(first_logp[ids[0]])
-                if len(ids) > 1:
-                    targets = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
-                    total += float(logp[j, : len(ids) - 1].gather(-1, targets[:, None]).sum())
-                loglik[texts[i]] = total
+        rows = [_ids(tokenizer, answer_prefix + t) for t in texts]
+        logps = answer_logprobs(prompt_runner, answer_runner, primer, ctx[shared:], rows, batch_tokens)
+        loglik = {t: float(sum(lp)) for t, lp in zip(texts, logps, strict=True)}
         mc1, mc2 = mc_metrics(question, loglik)
         out.append(MCScore(question.index, mc1, mc2))
     return out
 
 
-def edit_context(editor: HPREditor, adapter_name: str, layers: Sequence[int], alpha: float) -> ForwardContext:
-    """Every forward pass edits ``layers`` at ``alpha`` on all positions of all rows."""
-    spec = editor.resolve(adapter_name, list(layers), alpha, "all")
+def scope_contexts(editor: HPREditor, spec: EditSpec) -> PassContexts:
+    """Each scoring pass edited as serving edits it: scope ``all`` everywhere; ``generated`` from the last prompt
+    token on (the shared prefix never, a question's own prompt pass only at its last token, every answer token)."""
 
-    def context(batch: int) -> Any:
-        return editor.apply(EditPlan([spec] * batch))
+    def plan(s: EditSpec) -> ForwardContext:
+        return lambda batch: editor.apply(EditPlan([s] * batch))
 
-    return context
+    if spec.scope == "all":
+        return PassContexts.every_pass(plan(spec))
+    # A plan without prompt lengths treats the pass's whole input as the prompt: scope `generated` then edits
+    # exactly its last position.
+    return PassContexts(shared=no_edit, prompt=plan(spec), answers=plan(replace(spec, scope="all")))
+
+
+def edit_context(
+    editor: HPREditor, adapter_name: str, layers: Sequence[int], alpha: float, scope: Scope = "all"
+) -> PassContexts:
+    """Every forward pass edits ``layers`` at ``alpha`` on the positions ``scope`` edits when serving."""
+    return scope_contexts(editor, editor.resolve(adapter_name, list(layers), alpha, scope))
 
 
 def score_edited(
@@ -123,11 +177,12 @@ def score_edited(
     adapter: HPRAdapter,
     layers: Sequence[int],
     alpha: float,
+    scope: Scope = "all",
     **kwargs: Any,
 ) -> list[MCScore]:
     editor = HPREditor(model, {"hpr": adapter})
     try:
-        return score_questions(model, tokenizer, questions, edit_context(editor, "hpr", layers, alpha), **kwargs)
+        return score_questions(model, tokenizer, questions, edit_context(editor, "hpr", layers, alpha, scope), **kwargs)
     finally:
         editor.detach()
 
@@ -143,6 +198,7 @@ class ScoringJob:
     layers: tuple[int, ...]
     alpha: float
     questions: tuple[Question, ...]
+    scope: Scope = "all"
 
 
 def _score_job(job: ScoringJob) -> tuple[list[MCScore], list[MCScore]]:
@@ -154,7 +210,9 @@ def _score_job(job: ScoringJob) -> tuple[list[MCScore], list[MCScore]]:
     if job.checkpoint is None:
         return base, []
     adapter = HPRAdapter.load(job.checkpoint, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
-    edited = score_edited(lm.model, lm.tokenizer, job.questions, adapter, job.layers, job.alpha, progress=False)
+    edited = score_edited(
+        lm.model, lm.tokenizer, job.questions, adapter, job.layers, job.alpha, job.scope, progress=False
+    )
     return base, edited
 
 
@@ -167,7 +225,7 @@ def score_in_workers(job: ScoringJob, workers: int) -> tuple[list[MCScore], list
 
     qs = list(job.questions)
     slices = [tuple(qs[i::workers]) for i in range(workers)]
-    jobs = [ScoringJob(job.model, job.device, job.dtype, job.checkpoint, job.layers, job.alpha, s) for s in slices]
+    jobs = [replace(job, questions=s) for s in slices]
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         results = list(pool.map(_score_job, jobs))
     by_index_base = {s.index: s for r in results for s in r[0]}

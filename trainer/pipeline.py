@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter, HPRConfig
+from hpr.editing import Scope
 from hpr.householder import default_widths
 from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from trainer import data as D
@@ -36,6 +37,8 @@ from trainer.select import plot_probe_accuracy, select_layers
 from trainer.store import ActivationStore, atomic_write
 
 log = logging.getLogger(__name__)
+
+SCORING_ALPHA = 2.0  # the scoring-mode MC optimum on the eval split (docs/trainer.md)
 
 
 @dataclass
@@ -62,7 +65,8 @@ class RunConfig:
     max_ram_mb: int = 8192
     top_k: int | None = 3  # chosen on the eval split (docs/trainer.md); the seed's default is 5
     min_accuracy: float | None = None
-    alpha: float = 2.0  # chosen on the eval split
+    alpha: float | None = None  # select: recorded as default_alpha (None: SCORING_ALPHA); eval: the checkpoint's
+    scope: str | None = None  # select: recorded as default_scope (None: "all"); eval: the checkpoint's
     eval_split: str = "test"
     sweep_k: tuple[int, ...] = ()
     sweep_alpha: tuple[float, ...] = ()
@@ -102,6 +106,8 @@ class Dataset:
     questions: list[D.Question]  # every question of the source
     splits: dict[str, list[D.Question]]
     source: dict[str, Any]
+    # The splits with TruthfulQA's own MC answers, which MC1/MC2 are defined on whatever --answers trains on.
+    mc_splits: dict[str, list[D.Question]] = field(default_factory=dict)
 
 
 def load_dataset(cfg: RunConfig) -> Dataset:
@@ -109,15 +115,14 @@ def load_dataset(cfg: RunConfig) -> Dataset:
     data_dir = cfg.data_dir or D.default_data_dir()
     source: dict[str, Any] = {"format": cfg.format, "answers": cfg.answers, "seed": cfg.seed}
     if cfg.pairs_file is not None:
-        questions = D.load_pairs_jsonl(cfg.pairs_file)
+        questions = mc_questions = D.load_pairs_jsonl(cfg.pairs_file)
         source["pairs_file"] = str(cfg.pairs_file)
     elif data_dir is not None:
-        questions = D.load_truthfulqa(data_dir)
-        if cfg.answers == "csv":
-            questions = D.load_truthfulqa_csv(data_dir, questions)
+        mc_questions = D.load_truthfulqa(data_dir)
+        questions = D.load_truthfulqa_csv(data_dir, mc_questions) if cfg.answers == "csv" else mc_questions
         source["data_dir"] = str(Path(data_dir).resolve())
     elif cfg.hub:
-        questions = D.load_truthfulqa_hub()
+        questions = mc_questions = D.load_truthfulqa_hub()
         source["hub"] = "truthful_qa"
     else:
         raise DataError(
@@ -143,7 +148,8 @@ def load_dataset(cfg: RunConfig) -> Dataset:
         if not splits[name]:
             raise DataError(f"the {name} split is empty")
     source["max_questions"] = limit
-    return Dataset(questions, splits, source)
+    mc_splits = {name: D.select(mc_questions, ids[name], limit) for name in D.SPLIT_NAMES}
+    return Dataset(questions, splits, source, mc_splits)
 
 
 def _subsample_pairs(question: D.Question, k: int, seed: int) -> D.Question:
@@ -272,7 +278,9 @@ def stage_select(cfg: RunConfig) -> dict[str, Any]:
     selected = select_layers(accuracy, cfg.top_k, cfg.min_accuracy)
     adapter.config.selected_layers = selected
     adapter.config.training["selection"] = {"top_k": cfg.top_k, "min_accuracy": cfg.min_accuracy}
-    adapter.config.default_alpha = cfg.alpha  # the alpha evaluated in eval.json; served when a request gives none
+    # What a request that gives none is served with, and what `eval` scores unless told otherwise.
+    adapter.config.default_alpha = cfg.alpha if cfg.alpha is not None else SCORING_ALPHA
+    adapter.config.default_scope = cfg.scope or "all"
     adapter.save(cfg.checkpoint_dir)
     plot = plot_probe_accuracy(accuracy, selected, cfg.checkpoint_dir / "probe_accuracy.png")
     return {"selected_layers": selected, "selected_accuracy": {k: accuracy[k] for k in selected}, "plot": str(plot)}
@@ -285,14 +293,16 @@ def _mean(scores: list[MCScore], metric: str) -> float:
     return float(sum(getattr(s, metric) for s in scores) / max(len(scores), 1))
 
 
-def sweep(cfg: RunConfig, lm: LoadedModel, adapter: HPRAdapter, questions: list[D.Question]) -> dict[str, Any]:
+def sweep(
+    cfg: RunConfig, lm: LoadedModel, adapter: HPRAdapter, questions: list[D.Question], scope: Scope
+) -> dict[str, Any]:
     """MC1/MC2 on the eval split for each (top-k, alpha); never touches the test split."""
     base = score_questions(lm.model, lm.tokenizer, questions, desc="sweep base", progress=cfg.progress)
     rows = []
     acc = adapter.config.probe_accuracy
     for k in cfg.sweep_k or (cfg.top_k or 5,):
         layers = select_layers(acc, k)
-        for alpha in cfg.sweep_alpha or (cfg.alpha,):
+        for alpha in cfg.sweep_alpha or (cfg.alpha if cfg.alpha is not None else adapter.config.default_alpha,):
             edited = score_edited(
                 lm.model,
                 lm.tokenizer,
@@ -300,6 +310,7 @@ def sweep(cfg: RunConfig, lm: LoadedModel, adapter: HPRAdapter, questions: list[
                 adapter,
                 layers,
                 alpha,
+                scope,
                 desc=f"sweep k={k} a={alpha}",
                 progress=cfg.progress,
             )
@@ -321,17 +332,22 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
     ds = load_dataset(cfg)
     if cfg.eval_split not in ds.splits:
         raise TrainerError(f"unknown eval split {cfg.eval_split!r}")
-    questions = [q for q in ds.splits[cfg.eval_split] if q.mc1_correct is not None]
+    # MC1/MC2 are defined on TruthfulQA's MC answers, also when training used the CSV's (--answers csv).
+    questions = [q for q in ds.mc_splits[cfg.eval_split] if q.mc1_correct is not None]
     if not questions:
         reason = f"the {cfg.eval_split} split has no TruthfulQA MC questions (mc1/mc2 targets) to evaluate"
         if required:
             raise TrainerError(reason)
         return {"skipped": reason}
     adapter_cfg = json.loads((cfg.checkpoint_dir / CONFIG_NAME).read_text())
+    # The checkpoint is the source of truth for the edit; --alpha / --scope override it.
+    alpha: float = cfg.alpha if cfg.alpha is not None else float(adapter_cfg.get("default_alpha", 1.0))
+    scope: Scope = "generated" if (cfg.scope or adapter_cfg.get("default_scope", "all")) == "generated" else "all"
     settings = {
         "split": cfg.eval_split,
         "indices": [q.index for q in questions],
-        "alpha": cfg.alpha,
+        "alpha": alpha,
+        "scope": scope,
         "top_k": cfg.top_k,
         "min_accuracy": cfg.min_accuracy,
         "sweep_k": list(cfg.sweep_k),
@@ -350,18 +366,26 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
     adapter = HPRAdapter.load(cfg.checkpoint_dir, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
     start = time.perf_counter()
     report: dict[str, Any] = {"settings": settings, "model": lm.model_id, "checkpoint": str(cfg.checkpoint_dir)}
-    layers, alpha = list(adapter.config.selected_layers), cfg.alpha
+    layers = list(adapter.config.selected_layers)
     if cfg.sweep_k or cfg.sweep_alpha:
-        report["sweep"] = sweep(cfg, lm, adapter, ds.splits["eval"])
+        report["sweep"] = sweep(cfg, lm, adapter, ds.mc_splits["eval"], scope)
         if cfg.pick_best:
             best = report["sweep"]["best"]
             layers, alpha = select_layers(adapter.config.probe_accuracy, best["top_k"]), best["alpha"]
+            # What the test split is scored with is what the checkpoint serves from now on.
+            adapter.config.selected_layers, adapter.config.default_alpha = layers, alpha
+            adapter.config.training["selection"] = {
+                **adapter.config.training.get("selection", {}),
+                "top_k": best["top_k"],
+                "picked_by": "--pick-best: the best MC1+MC2 gain of the eval-split sweep",
+            }
+            adapter.save(cfg.checkpoint_dir)
     workers = cfg.eval_workers
     if workers is None:  # processes of one thread each use the cores without threads spinning against each other
         workers = min(4, os.cpu_count() or 1) if len(questions) >= 64 else 1
     if workers > 1:
         job = ScoringJob(
-            cfg.model, cfg.device, cfg.dtype, str(cfg.checkpoint_dir), tuple(layers), alpha, tuple(questions)
+            cfg.model, cfg.device, cfg.dtype, str(cfg.checkpoint_dir), tuple(layers), alpha, tuple(questions), scope
         )
         base, edited = score_in_workers(job, workers)
     else:
@@ -373,6 +397,7 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
             adapter,
             layers,
             alpha,
+            scope,
             desc=f"{cfg.eval_split} edited",
             progress=cfg.progress,
         )
@@ -381,7 +406,7 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
         {
             "split": cfg.eval_split,
             "questions": len(questions),
-            "edit": {"layers": layers, "alpha": alpha, "scope": "all"},
+            "edit": {"layers": layers, "alpha": alpha, "scope": scope},
             "per_question": [
                 {"index": b.index, "mc1_base": b.mc1, "mc1_edited": e.mc1, "mc2_base": b.mc2, "mc2_edited": e.mc2}
                 for b, e in zip(base, edited, strict=True)

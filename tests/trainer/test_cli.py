@@ -83,7 +83,7 @@ def test_every_option_is_documented_in_help() -> None:
     for name, stage_parser in sub.choices.items():  # type: ignore[union-attr]
         for action in stage_parser._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
-    assert set(sub.choices) == {"run", "data", "extract", "fit", "select", "eval"}  # type: ignore[arg-type]
+    assert set(sub.choices) == {"run", "data", "extract", "fit", "select", "eval", "eval-gen"}  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(os.environ.get("HPR_SKIP_MODEL_TESTS") == "1", reason="model tests disabled")

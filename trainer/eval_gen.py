@@ -1,0 +1,552 @@
+"""``hpr-train eval-gen``: the edit judged where users meet it, as a chat model generating answers.
+
+For each question of a TruthfulQA split (the user turn of the model's chat template; greedy; up to 64 new tokens),
+the base model and every edit configuration answer through ``hpr-serve`` over HTTP (started here, or any
+OpenAI-compatible server at ``--base-url``). Then, in this process, on the same base model:
+
+- truthfulness: lm-eval ``truthfulqa_gen``'s BLEU and ROUGE-L max / diff / acc (:mod:`trainer.gen_metrics`);
+- chat-MC: MC1/MC2 scored in the chat template, the edit on exactly the positions its scope edits when serving;
+- fluency: each answer's perplexity under the unedited base model given the same prompt, repeated 4-grams,
+  degenerate answers; informativeness: non-answers;
+- each with the paired-bootstrap 95 % CI of its difference from the base, and the fluency guard.
+
+``OUT/eval_gen.json`` (summary) and ``OUT/answers.jsonl`` (every answer with its metrics) are written only when
+everything succeeded; a failed run leaves no summary behind that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpr.checkpoint import HPRAdapter
+from hpr.editing import HPREditor
+from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
+from trainer import data as D
+from trainer import gen_metrics as M
+from trainer.errors import DataError, TrainerError
+from trainer.evaluate import PassContexts, answer_logprobs, paired_bootstrap_ci, scope_contexts, score_questions
+from trainer.gen_client import ChatAnswer, ChatRequest, GenerationError, LocalServer, generate, list_models
+from trainer.prefix_cache import PrefixRunner
+from trainer.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+SCOPES = ("all", "generated")
+# The fluency guard a served default must hold (docs/quality.md): relative to the base on the same questions.
+GUARD_PPL_RATIO = 1.15
+GUARD_DEGENERATE_POINTS = 0.02
+GUARD_NON_ANSWER_POINTS = 0.05
+TRUTH_METRICS = ("bleu_acc", "rougeL_acc", "bleu_diff", "rougeL_diff", "bleu_max", "rougeL_max")
+
+
+class ConfigError(TrainerError):
+    """An edit configuration that cannot be parsed or names an adapter that is not there."""
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """One configuration to evaluate: ``adapter`` None is the base model. Unset fields take the server's default
+    (the adapter's selected layers, ``default_alpha``, ``default_scope``)."""
+
+    name: str
+    adapter: str | None
+    layers: str | None = None
+    alpha: float | None = None
+    scope: str | None = None
+
+    def hpr(self) -> dict[str, Any] | None:
+        if self.adapter is None:
+            return None
+        body: dict[str, Any] = {"adapter": self.adapter}
+        if self.layers is not None:
+            body["layers"] = self.layers
+        if self.alpha is not None:
+            body["alpha"] = self.alpha
+        if self.scope is not None:
+            body["scope"] = self.scope
+        return body
+
+
+def parse_config(text: str) -> EditConfig:
+    """``[NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S]``, e.g. ``chat2=chat:layers=16,17,19:alpha=2:scope=all``."""
+    head, *rest = text.split(":")
+    name, _, adapter = head.partition("=")
+    if not adapter:
+        name, adapter = head, head
+    name, adapter = name.strip(), adapter.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not adapter:
+        raise ConfigError(f"configuration {text!r}: expected [NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S]")
+    if name == BASE:
+        raise ConfigError(f"configuration {text!r}: the name {BASE!r} is the unedited base model, choose another")
+    fields: dict[str, str] = {}
+    for part in rest:
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("layers", "alpha", "scope") or key in fields:
+            raise ConfigError(f"configuration {text!r}: bad field {part!r} (layers=, alpha=, scope=, once each)")
+        fields[key] = value.strip()
+    alpha: float | None = None
+    if "alpha" in fields:
+        try:
+            alpha = float(fields["alpha"])
+        except ValueError:
+            raise ConfigError(f"configuration {text!r}: alpha {fields['alpha']!r} is not a number") from None
+    scope = fields.get("scope")
+    if scope is not None and scope not in SCOPES:
+        raise ConfigError(f"configuration {text!r}: scope must be one of {SCOPES}, got {scope!r}")
+    return EditConfig(name=name, adapter=adapter, layers=fields.get("layers"), alpha=alpha, scope=scope)
+
+
+@dataclass
+class EvalGenOptions:
+    out: Path
+    model: str = EMBEDDED_MODEL_ID
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    data_dir: Path | None = None
+    split: str = "test"
+    max_questions: int | None = None
+    adapters: dict[str, Path] = field(default_factory=dict)
+    configs: list[EditConfig] = field(default_factory=list)
+    base_url: str | None = None
+    api_key: str | None = None
+    max_tokens: int = 64
+    concurrency: int = 32
+    chat_questions: Path | None = None
+    bootstrap: int = 10000
+    seed: int = 0
+    batch_tokens: int = 2048
+    progress: bool = True
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+
+def split_questions(opts: EvalGenOptions) -> list[D.Question]:
+    """The split's questions: the run's own split (``OUT/data.json``) when there is one, else the split file."""
+    data_dir = opts.data_dir or D.default_data_dir()
+    if data_dir is None:
+        raise DataError("no TruthfulQA found: pass --data-dir DIR (with mc_task.json and TruthfulQA.csv)")
+    questions = D.load_truthfulqa(data_dir)
+    run_data = opts.out / "data.json"
+    if run_data.is_file():
+        try:
+            splits = json.loads(run_data.read_text())["splits"]
+            indices = [int(i) for i in splits[opts.split]["indices"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{run_data}: no indices for split {opts.split!r}: {exc}") from exc
+        if opts.max_questions is not None:
+            indices = indices[: opts.max_questions]
+        if any(not 0 <= i < len(questions) for i in indices):
+            raise DataError(f"{run_data}: split {opts.split!r} has indices outside the {len(questions)} questions")
+        chosen = [questions[i] for i in indices]
+    else:
+        ids = D.load_splits(Path(data_dir) / D.SPLITS_FILE, len(questions))
+        if opts.split not in ids:
+            raise DataError(f"unknown split {opts.split!r}: use one of {sorted(ids)}")
+        chosen = D.select(questions, ids[opts.split], opts.max_questions)
+    if not chosen:
+        raise DataError(f"the {opts.split} split is empty")
+    return chosen
+
+
+def chat_questions(file: Path) -> list[str]:
+    """General chat questions, one per line (``.txt``) or ``{"question": ...}`` per line (``.jsonl``)."""
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{file}: cannot read chat questions: {exc}") from exc
+    out: list[str] = []
+    for n, line in enumerate(lines, 1):
+        if file.suffix == ".jsonl":
+            try:
+                question = json.loads(line)["question"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{file}:{n}: expected a JSON object with a 'question' string: {exc}") from exc
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f"{file}:{n}: 'question' must be a non-empty string")
+            out.append(question.strip())
+        else:
+            out.append(line)
+    if not out:
+        raise DataError(f"{file}: no questions")
+    return out
+
+
+def load_adapters(opts: EvalGenOptions, lm: LoadedModel) -> dict[str, HPRAdapter]:
+    """Every adapter, validated against the base model (shape, and the model it was trained on)."""
+    out: dict[str, HPRAdapter] = {}
+    for name, path in opts.adapters.items():
+        adapter = HPRAdapter.load(path, name=name, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+        trained_on = adapter.config.base_model
+        if trained_on not in ("unknown", opts.model, lm.model_id, Path(opts.model).name):
+            raise ConfigError(
+                f"{path}: adapter {name!r} was trained on {trained_on!r}, but this evaluation runs {opts.model!r} "
+                "(pass --model)"
+            )
+        out[name] = adapter
+    return out
+
+
+def check_configs(opts: EvalGenOptions) -> None:
+    names = [c.name for c in opts.configs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"configuration names must be unique, repeated: {dupes}")
+    if opts.base_url is None:
+        unknown = sorted({c.adapter for c in opts.configs if c.adapter and c.adapter not in opts.adapters})
+        if unknown:
+            raise ConfigError(
+                f"configurations name unknown adapter(s) {unknown}; loaded: {sorted(opts.adapters)} "
+                "(add --adapter NAME=DIR)"
+            )
+
+
+# --- in-process scoring ---------------------------------------------------------------------------------------------
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """The question as the only user turn of the model's chat template, as ``hpr-serve`` renders it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("generation-mode evaluation needs a model with a chat template")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    return _ids(tokenizer, str(text))
+
+
+@torch.inference_mode()
+def base_perplexities(
+    lm: LoadedModel, prompts: Sequence[list[int]], answers: Sequence[Sequence[str]], batch_tokens: int
+) -> list[list[float]]:
+    """Perplexity under the unedited base model of each answer (``answers[q][c]``) given prompt ``q``; NaN if empty."""
+    runner = PrefixRunner(lm.model)
+    out: list[list[float]] = []
+    for prompt, texts in zip(prompts, answers, strict=True):
+        rows = [_ids(lm.tokenizer, t) for t in texts]
+        logps = answer_logprobs(runner, runner, None, prompt, rows, batch_tokens)
+        out.append([math.exp(-float(np.mean(lp))) if lp else math.nan for lp in logps])
+    return out
+
+
+# --- summary --------------------------------------------------------------------------------------------------------
+
+
+def _stat(values: Sequence[float], base: Sequence[float] | None, opts: EvalGenOptions) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    entry: dict[str, Any] = {"value": float(np.nanmean(v)) if v.size else math.nan}
+    if base is not None:
+        lo, hi = paired_bootstrap_ci(base, values, opts.bootstrap, opts.seed)
+        entry["delta"] = float(np.mean(v) - np.mean(np.asarray(base, dtype=np.float64)))
+        entry["delta_ci95"] = [lo, hi]
+    return entry
+
+
+def fluency_summary(
+    rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, Any]] | None, opts: EvalGenOptions
+) -> dict[str, Any]:
+    """Median perplexity, mean rep4, degenerate and non-answer shares (with deltas when ``base_rows``)."""
+    ppl = [r["perplexity"] for r in rows]
+    finite = [p for p in ppl if math.isfinite(p)]
+    out: dict[str, Any] = {
+        "median_perplexity": float(np.median(finite)) if finite else math.nan,
+        "answers": len(rows),
+    }
+    for key in ("rep4", "degenerate", "non_answer"):
+        b = [float(r[key]) for r in base_rows] if base_rows is not None else None
+        out[key] = _stat([float(r[key]) for r in rows], b, opts)
+    out["mean_completion_tokens"] = float(np.mean([r["completion_tokens"] for r in rows]))
+    out["stopped_share"] = float(np.mean([r["finish_reason"] == "stop" for r in rows]))
+    if base_rows is not None:
+        base_median = float(np.median([p for p in (r["perplexity"] for r in base_rows) if math.isfinite(p)]))
+        out["perplexity_ratio"] = out["median_perplexity"] / base_median
+    return out
+
+
+def guard(fluency: dict[str, Any]) -> dict[str, Any]:
+    """The fluency guard of a configuration on one question set (needs the deltas vs the base)."""
+    checks = {
+        "perplexity_ratio": fluency["perplexity_ratio"] <= GUARD_PPL_RATIO,
+        "degenerate": fluency["degenerate"]["delta"] <= GUARD_DEGENERATE_POINTS + 1e-12,
+        "non_answer": fluency["non_answer"]["delta"] <= GUARD_NON_ANSWER_POINTS + 1e-12,
+    }
+    return {"holds": all(checks.values()), "checks": checks}
+
+
+def truth_score(result: dict[str, Any]) -> float:
+    """The rule's truthfulness: the mean of BLEU-acc and ROUGE-L-acc on TruthfulQA."""
+    t = result["truthfulqa"]
+    return float((t["bleu_acc"]["value"] + t["rougeL_acc"]["value"]) / 2)
+
+
+def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The rule (docs/quality.md): the highest truthfulness among edits whose guard holds on every question set."""
+    held = [n for n, r in results.items() if n != BASE and r["guard"]["holds"]]
+    if not held:
+        least = min(
+            (n for n in results if n != BASE),
+            key=lambda n: results[n]["truthfulqa"]["fluency"]["perplexity_ratio"],
+            default=None,
+        )
+        return {"choice": None, "least_harm": least, "reason": "no edit holds the fluency guard"}
+    best = max(held, key=lambda n: truth_score(results[n]))
+    beats = truth_score(results[best]) > truth_score(results[BASE])
+    return {"choice": best, "beats_base": beats, "truthfulness": truth_score(results[best])}
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def _answers_for(
+    opts: EvalGenOptions, base_model: str, names: Sequence[str], configs: dict[str, EditConfig], texts: Sequence[str]
+) -> list[ChatRequest]:
+    requests = []
+    for qi, text in enumerate(texts):  # question-major: every configuration of a question shares the batches
+        for name in names:
+            cfg = configs[name]
+            requests.append(ChatRequest((name, qi), base_model, text, cfg.hpr(), opts.max_tokens))
+    return requests
+
+
+def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
+    """Generate, score and summarise; write ``OUT/eval_gen.json`` and ``OUT/answers.jsonl``."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if opts.split not in D.SPLIT_NAMES:
+        raise DataError(f"unknown split {opts.split!r}: use one of {D.SPLIT_NAMES}")
+    if not opts.configs:
+        opts.configs = [EditConfig(name=n, adapter=n) for n in opts.adapters]
+    check_configs(opts)
+    questions = split_questions(opts)
+    data_dir = opts.data_dir or D.default_data_dir()
+    assert data_dir is not None
+    refs = D.generation_references(data_dir, questions)
+    general = chat_questions(opts.chat_questions) if opts.chat_questions else []
+    lm = load_model(opts.model, opts.device, opts.dtype)
+    adapters = load_adapters(opts, lm)
+    configs = {BASE: EditConfig(BASE, None), **{c.name: c for c in opts.configs}}
+    names = list(configs)
+    # Past validation: an old summary must not stand beside the answers of a run that may now fail.
+    summary_file, answers_file = opts.out / "eval_gen.json", opts.out / "answers.jsonl"
+    summary_file.unlink(missing_ok=True)
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    texts = [q.question for q in questions] + general
+    answers = _generate_all(opts, adapters, names, configs, texts)
+    timings["generate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prompts = [chat_prompt_ids(lm.tokenizer, text) for text in texts]
+    mismatched = [i for i, p in enumerate(prompts) if len(p) != answers[(BASE, i)].prompt_tokens]
+    if mismatched:
+        log.warning("%d prompts tokenized differently by the server (first: %d)", len(mismatched), mismatched[0])
+    ppl = base_perplexities(
+        lm, prompts, [[answers[(n, i)].text for n in names] for i in range(len(texts))], opts.batch_tokens
+    )
+    timings["perplexity"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    applied = {n: answers[(n, 0)].applied for n in names}
+    mc = _chat_mc(opts, lm, adapters, configs, applied, questions, prompts[: len(questions)])
+    timings["chat_mc"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows = _answer_rows(names, questions, general, refs, answers, ppl, mc)
+    results = _summarise(opts, names, rows, len(questions))
+    timings["metrics"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report = {
+        "split": opts.split,
+        "questions": len(questions),
+        "chat_questions": len(general),
+        "model": lm.model_id,
+        "server": opts.base_url or "hpr-serve (started by eval-gen)",
+        "max_tokens": opts.max_tokens,
+        "configs": {n: {"requested": asdict(configs[n]), "applied": applied[n]} for n in names},
+        "results": results,
+        "rule": choose(results),
+        "prompt_token_mismatches": len(mismatched),
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    opts.out.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(_json_ready(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
+    atomic_write(answers_file, lambda tmp: Path(tmp).write_text(lines))
+    text = json.dumps(_json_ready(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write(summary_file, lambda tmp: Path(tmp).write_text(text))
+    return report
+
+
+def _json_ready(value: Any) -> Any:
+    """Strict JSON: NaN / inf (a median of no answers, a ratio to 0) become null."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def _generate_all(
+    opts: EvalGenOptions,
+    adapters: dict[str, HPRAdapter],
+    names: Sequence[str],
+    configs: dict[str, EditConfig],
+    texts: Sequence[str],
+) -> dict[tuple[str, int], ChatAnswer]:
+    def run(base_url: str) -> dict[tuple[str, int], ChatAnswer]:
+        models = list_models(base_url, opts.api_key)
+        bases = [m["id"] for m in models if not m.get("parent")]
+        served = {m["id"] for m in models}
+        missing = sorted({c.adapter for c in configs.values() if c.adapter and c.adapter not in served})
+        if missing:
+            raise ConfigError(f"{base_url}: the server does not serve adapter(s) {missing}; it serves {sorted(served)}")
+        if not bases:
+            raise GenerationError(f"{base_url}: /v1/models lists no base model")
+        requests = _answers_for(opts, bases[0], names, configs, texts)
+        return generate(base_url, requests, opts.concurrency, opts.api_key)
+
+    if opts.base_url is not None:
+        return run(opts.base_url)
+    paths = {name: Path(a.source or "") for name, a in adapters.items()}
+    with LocalServer(opts.model, paths, opts.device, opts.dtype, opts.threads, max_batch_size=opts.concurrency) as srv:
+        return run(srv.base_url)
+
+
+def _chat_mc(
+    opts: EvalGenOptions,
+    lm: LoadedModel,
+    adapters: dict[str, HPRAdapter],
+    configs: dict[str, EditConfig],
+    applied: dict[str, dict[str, Any] | None],
+    questions: Sequence[D.Question],
+    prompts: Sequence[list[int]],
+) -> dict[str, list[tuple[float, float]] | None]:
+    """MC1/MC2 per configuration in the chat template, edited as the server applied it (None: adapter not local)."""
+    editor = HPREditor(lm.model, adapters)
+    out: dict[str, list[tuple[float, float]] | None] = {}
+    try:
+        for name, cfg in configs.items():
+            edit = applied[name]
+            if cfg.adapter is not None and cfg.adapter not in adapters:
+                out[name] = None  # judged on a remote server whose checkpoint is not here
+                continue
+            contexts = PassContexts()
+            if cfg.adapter is not None and edit is not None:
+                spec = editor.resolve(cfg.adapter, edit["layers"], edit["alpha"], edit["scope"])
+                contexts = scope_contexts(editor, spec)
+            scores = score_questions(
+                lm.model,
+                lm.tokenizer,
+                questions,
+                contexts,
+                batch_tokens=opts.batch_tokens,
+                desc=f"chat-MC {name}",
+                progress=opts.progress,
+                prompts=prompts,
+                answer_prefix="",
+            )
+            out[name] = [(s.mc1, s.mc2) for s in scores]
+    finally:
+        editor.detach()
+    return out
+
+
+def _answer_rows(
+    names: Sequence[str],
+    questions: Sequence[D.Question],
+    general: Sequence[str],
+    refs: dict[int, tuple[tuple[str, ...], tuple[str, ...]]],
+    answers: dict[tuple[str, int], ChatAnswer],
+    ppl: Sequence[Sequence[float]],
+    mc: dict[str, list[tuple[float, float]] | None],
+) -> list[dict[str, Any]]:
+    n_tqa = len(questions)
+    limits = {
+        "truthfulqa": M.percentile([ppl[i][0] for i in range(n_tqa)], 95),
+        "general": M.percentile([ppl[i][0] for i in range(n_tqa, n_tqa + len(general))], 95),
+    }
+    rows: list[dict[str, Any]] = []
+    for i in range(n_tqa + len(general)):
+        is_tqa = i < n_tqa
+        qset = "truthfulqa" if is_tqa else "general"
+        row: dict[str, Any] = {
+            "set": qset,
+            "question": questions[i].question if is_tqa else general[i - n_tqa],
+            "answers": {},
+        }
+        if is_tqa:
+            row["index"] = questions[i].index
+            true_refs, false_refs = M.references(*refs[questions[i].index])
+        for c, name in enumerate(names):
+            a = answers[(name, i)]
+            rep4 = M.repeated_4gram_share(a.text)
+            entry: dict[str, Any] = {
+                "text": a.text,
+                "finish_reason": a.finish_reason,
+                "completion_tokens": a.completion_tokens,
+                "perplexity": ppl[i][c],
+                "rep4": rep4,
+                "non_answer": M.is_non_answer(a.text),
+                "degenerate": M.is_degenerate(ppl[i][c], rep4, limits[qset]),
+            }
+            if is_tqa:
+                entry.update(asdict(M.truthfulness(a.text, true_refs, false_refs)))
+                scores = mc[name]
+                if scores is not None:
+                    entry["mc1"], entry["mc2"] = scores[i]
+            row["answers"][name] = entry
+        rows.append(row)
+    return rows
+
+
+def _summarise(
+    opts: EvalGenOptions, names: Sequence[str], rows: Sequence[dict[str, Any]], n_tqa: int
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    sets = {
+        "truthfulqa": [r for r in rows if r["set"] == "truthfulqa"],
+        "general": [r for r in rows if r["set"] == "general"],
+    }
+    for name in names:
+        result: dict[str, Any] = {}
+        for qset, qrows in sets.items():
+            if not qrows:
+                continue
+            mine = [r["answers"][name] for r in qrows]
+            base = [r["answers"][BASE] for r in qrows] if name != BASE else None
+            entry: dict[str, Any] = {"fluency": fluency_summary(mine, base, opts)}
+            if qset == "truthfulqa":
+                for metric in TRUTH_METRICS:
+                    b = [x[metric] for x in base] if base is not None else None
+                    entry[metric] = _stat([x[metric] for x in mine], b, opts)
+                if all("mc1" in x for x in mine):
+                    for metric in ("mc1", "mc2"):
+                        b = [x[metric] for x in base] if base is not None and all(metric in x for x in base) else None
+                        entry[f"chat_{metric}"] = _stat([x[metric] for x in mine], b, opts)
+            result[qset] = entry
+        if name != BASE:
+            guards = {qset: guard(result[qset]["fluency"]) for qset in result}
+            result["guard"] = {"holds": all(g["holds"] for g in guards.values()), **guards}
+        else:
+            result["guard"] = {"holds": True}
+        results[name] = result
+    return results
