@@ -9,6 +9,7 @@ from server.auth import APIKeyMiddleware
 from server.body_limit import BodyLimitMiddleware
 from server.errors import install_error_handlers
 from server.metrics import RequestMetricsMiddleware, ServerMetrics
+from server.playground import router as playground_router
 from server.routes import router
 from server.runtime import EngineFactory, default_engine_factory, make_lifespan
 from server.settings import ServerSettings
@@ -32,6 +33,8 @@ def create_app(settings: ServerSettings | None = None, *, engine_factory: Engine
     app.state.load_error = None
     app.state.stopping = False
     app.include_router(router)
+    if settings.playground:
+        app.include_router(playground_router)
     install_error_handlers(app)
     # Added innermost first: a request meets metrics → CORS → API key → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

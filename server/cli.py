@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar = _METAVARS.get(name, name.upper())
         if _is_list(info.annotation):
             parser.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_text + " Repeatable.")
+        elif info.annotation is bool:  # --playground / --no-playground
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=info.description)
         else:
             parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
     return parser

@@ -80,6 +80,9 @@ class ServerSettings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body; past it: 413."
     )
     drain_timeout: float = Field(default=30.0, ge=0, description="Seconds running requests get to finish on shutdown.")
+    playground: bool = Field(
+        default=True, description="Serve the A/B playground page at /playground (--no-playground: off)."
+    )
     log_level: LogLevel = Field(default="info", description="Log level of the server and uvicorn.")
 
     @field_validator("adapter", "api_key", "cors_origin", mode="before")
