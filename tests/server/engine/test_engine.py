@@ -366,3 +366,34 @@ def test_max_queue_zero_admits_while_a_slot_is_free_and_refuses_when_full(
             assert outputs[-1].completion_tokens == 2
 
     run(main())
+
+
+class _StepSizes:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_step(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
+    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_edit(self, layer: int, tokens: int) -> None: ...
+
+
+@pytest.mark.parametrize(("window", "together"), [(0.2, True), (0.0, False)])
+def test_an_idle_engine_gathers_requests_sent_moments_apart(
+    tiny_loaded: LoadedModel, make_engine: Any, window: float, together: bool
+) -> None:
+    """The two columns of an A/B comparison arrive a few ms apart; both must be in the first step."""
+    observer = _StepSizes()
+
+    async def main() -> None:
+        async with make_engine(gather_window=window, observer=observer) as engine:
+            first = asyncio.ensure_future(collect(engine, request(tiny_loaded, request_id="a", max_tokens=3)))
+            await asyncio.sleep(0.05)  # far longer than the tiny model's step: without a window, a runs alone first
+            second = asyncio.ensure_future(collect(engine, request(tiny_loaded, request_id="b", max_tokens=3)))
+            await asyncio.gather(first, second)
+
+    run(main())
+    assert (observer.sizes[0] == 2) is together, observer.sizes
