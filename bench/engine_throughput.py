@@ -9,9 +9,12 @@ Scenarios (greedy, fixed prompt and output lengths, ``ignore_eos``):
 - 8 distinct edit configs among 32 streams vs one config;
 - batch-1 decode tok/s (the memory-bandwidth bound here is ≈ 34 tok/s in fp32).
 
-The adapter is a random ``HPRAdapter`` of SmolLM2's shape (hidden 576, 30 layers): the cost of an edit does not
-depend on its weights — every token of an edited row goes through the probe, the angle MLP and the rotation,
-and only a ``torch.where`` decides whether the result is kept — so a trained checkpoint costs the same.
+The adapter (``--adapter``) is the trained checkpoint ``runs/truthfulqa/checkpoint`` when it exists, else (or with
+``--adapter random``) a random ``HPRAdapter`` of SmolLM2's shape (hidden 576, 30 layers). The cost of an edit
+depends on the weights: on CPU the angle MLP — most of an edited layer's arithmetic — runs only on the tokens the
+probe marks negative (``HPRLayer.edit``), so the share of marked tokens sets the cost, and a random adapter (which
+marks about half of them) does not stand for a trained one. ``--compare-random`` adds the random adapter's rows
+to the step-interleaved run, side by side. (On CUDA every token goes through the angle MLP, to avoid a host sync.)
 
 Paired scenarios run interleaved (A, B, A, B, …) and each keeps its best repeat, since the machine is shared.
 """
@@ -25,11 +28,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from hpr.checkpoint import HPRAdapter, HPRConfig
-from hpr.editing import EditSpec, HPREditor
+from hpr.editing import EditPlan, EditSpec, HPREditor
 from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from server.engine.batch import Batch, RequestState
 from server.engine.engine import Engine
@@ -38,6 +42,8 @@ from server.engine.sampling import new_generator
 from server.engine.types import GenerationRequest, SamplingParams
 
 ADAPTER = "bench"
+RANDOM = "random"
+TRAINED_CHECKPOINT = Path(__file__).resolve().parent.parent / "runs" / "truthfulqa" / "checkpoint"
 
 
 @dataclass
@@ -68,13 +74,25 @@ class RunResult:
     wall: float  # seconds from the first submit to the last token
     tokens: int  # tokens generated
     decode_tok_s: float  # tokens after every request got its first one, per second of that phase
+    cpu: float = float("nan")  # CPU-seconds this process used meanwhile (every thread)
 
     @property
     def e2e_tok_s(self) -> float:
         return self.tokens / self.wall
 
+    @property
+    def tok_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu
 
-def random_adapter(loaded: LoadedModel, seed: int = 0) -> HPRAdapter:
+
+def fmt(label: str, r: RunResult) -> str:
+    return (
+        f"{label:<44} {r.e2e_tok_s:>9.1f} tok/s e2e  {r.tok_per_cpu_s:>9.1f} tok/CPU-s  "
+        f"{r.decode_tok_s:>9.1f} tok/s decode  ({r.wall:.2f} s)"
+    )
+
+
+def random_adapter(loaded: LoadedModel, seed: int = 0, name: str = ADAPTER) -> HPRAdapter:
     torch.manual_seed(seed)
     layers = list(range(loaded.num_layers))
     accuracy = {layer: float(a) for layer, a in zip(layers, torch.rand(len(layers)).tolist(), strict=True)}
@@ -87,7 +105,7 @@ def random_adapter(loaded: LoadedModel, seed: int = 0) -> HPRAdapter:
         selected_layers=top5,
         probe_accuracy=accuracy,
     )
-    adapter = HPRAdapter(config, name=ADAPTER)
+    adapter = HPRAdapter(config, name=name)
     with torch.no_grad():
         for p in adapter.parameters():
             p.normal_(0, 0.05)
@@ -114,20 +132,20 @@ async def run_engine(
             count += len(out.token_ids)
         return count
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     counts = await asyncio.gather(*(one(i) for i in range(n)))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     engine.observer = None
     all_started = max(clock.first_token_times)
     late = [t for t in clock.token_times if t > all_started]
     decode = len(late) / (max(late) - all_started) if late else float("nan")
-    return RunResult(wall=wall, tokens=sum(counts), decode_tok_s=decode)
+    return RunResult(wall=wall, tokens=sum(counts), decode_tok_s=decode, cpu=cpu)
 
 
 def run_hf_generate(loaded: LoadedModel, n: int, prompt_len: int, gen_len: int) -> RunResult:
     ids = torch.tensor([prompt_ids(loaded, prompt_len, i) for i in range(n)], device=loaded.device)
     with torch.inference_mode():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = loaded.model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -136,9 +154,9 @@ def run_hf_generate(loaded: LoadedModel, n: int, prompt_len: int, gen_len: int) 
             do_sample=False,
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = (out.shape[1] - ids.shape[1]) * n
-    return RunResult(wall=wall, tokens=tokens, decode_tok_s=float("nan"))
+    return RunResult(wall=wall, tokens=tokens, decode_tok_s=float("nan"), cpu=cpu)
 
 
 def step_interleaved(
@@ -149,11 +167,12 @@ def step_interleaved(
     prompt_len: int,
     gen_len: int,
     repeats: int,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, float]]:
     """Ratios robust to a shared machine: the engine's runner, with the configs' prefills and decode steps
     interleaved one by one (A, B, C, A, B, C, …), so load drift hits every config alike.
 
-    Returns per config (median prefill seconds, median decode-step seconds) at ``n`` rows.
+    Returns per config (median prefill seconds, median decode-step seconds, median decode-step CPU-seconds) at
+    ``n`` rows.
     """
     runner = ModelRunner(loaded.model, editor, pad_id=0, vocab_size=len(loaded.tokenizer))
     loop = asyncio.new_event_loop()
@@ -168,6 +187,7 @@ def step_interleaved(
 
     prefill_times: dict[str, list[float]] = {name: [] for name in configs}
     step_times: dict[str, list[float]] = {name: [] for name in configs}
+    step_cpu: dict[str, list[float]] = {name: [] for name in configs}
     with torch.inference_mode():
         for _ in range(repeats):
             batches: dict[str, Batch] = {}
@@ -179,23 +199,46 @@ def step_interleaved(
                 batches[name] = outcome.batch
             for _ in range(gen_len - 1):
                 for name in configs:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     outcome = runner.decode(batches[name])
                     step_times[name].append(time.perf_counter() - start)
+                    step_cpu[name].append(time.process_time() - cpu)
                     assert outcome.batch is not None
                     batches[name] = outcome.batch
-    return {name: (statistics.median(prefill_times[name]), statistics.median(step_times[name])) for name in configs}
+    return {
+        name: (
+            statistics.median(prefill_times[name]),
+            statistics.median(step_times[name]),
+            statistics.median(step_cpu[name]),
+        )
+        for name in configs
+    }
 
 
-def print_step_costs(results: dict[str, tuple[float, float]], baseline: str, n: int, gen_len: int) -> None:
-    base_prefill, base_step = results[baseline]
+def marked_share(loaded: LoadedModel, editor: HPREditor, name: str, n: int, prompt_len: int) -> float:
+    """Share of (token, layer) pairs the adapter's probes mark negative — those that go through the angle MLP on
+    CPU — over ``n`` prompts with every trained layer edited (one forward, stats collected)."""
+    ids = torch.tensor([prompt_ids(loaded, prompt_len, i) for i in range(n)], device=loaded.device)
+    spec = editor.resolve(name, "all")
+    plan = EditPlan([spec] * n, collect_stats=True)
+    with torch.inference_mode(), editor.apply(plan):
+        loaded.model(input_ids=ids)
+    assert plan.stats is not None
+    totals = plan.stats[:, list(spec.layers)].sum(dim=(0, 1))  # (3,) tokens, rotated, angle sum
+    return float(totals[1] / totals[0])
+
+
+def print_step_costs(results: dict[str, tuple[float, float, float]], baseline: str, n: int, gen_len: int) -> None:
+    """Per config: median decode step (wall and CPU) and its cost against ``baseline``, in tok/s and tok/CPU-s."""
+    base_prefill, base_step, base_cpu = results[baseline]
     base_total = base_prefill + (gen_len - 1) * base_step
-    for name, (prefill_s, step_s) in results.items():
+    for name, (prefill_s, step_s, cpu_s) in results.items():
         total = prefill_s + (gen_len - 1) * step_s
         print(
-            f"{name:<12} prefill {prefill_s:6.2f} s   decode step {1e3 * step_s:7.1f} ms ({n / step_s:6.1f} tok/s)   "
-            f"cost vs {baseline}: decode {100 * (step_s / base_step - 1):+5.1f} %, prefill "
-            f"{100 * (prefill_s / base_prefill - 1):+5.1f} %, whole request {100 * (total / base_total - 1):+5.1f} %"
+            f"{name:<12} decode step {1e3 * step_s:7.1f} ms ({n / step_s:6.1f} tok/s), {1e3 * cpu_s:7.1f} CPU-ms "
+            f"({n / cpu_s:6.1f} tok/CPU-s)   vs {baseline}: tok/s {base_step / step_s:.3f}, "
+            f"tok/CPU-s {base_cpu / cpu_s:.3f}   prefill {prefill_s:6.2f} s "
+            f"({100 * (prefill_s / base_prefill - 1):+5.1f} %), whole request {100 * (total / base_total - 1):+5.1f} %"
         )
 
 
@@ -219,19 +262,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--only", default="", help="comma list of: scale,hf,hpr,mixed,b1,steps (default all)")
+    parser.add_argument(
+        "--adapter", default=None, help="adapter dir, or 'random' (default: runs/truthfulqa/checkpoint, else random)"
+    )
+    parser.add_argument(
+        "--compare-random", action="store_true", help="steps: also the random adapter's rows, interleaved"
+    )
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else {"scale", "hf", "hpr", "mixed", "b1", "steps"}
     if args.threads:
         torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, device="auto", dtype="auto")
-    editor = HPREditor(loaded.model, {ADAPTER: random_adapter(loaded)})
+    source = args.adapter or (str(TRAINED_CHECKPOINT) if TRAINED_CHECKPOINT.is_dir() else RANDOM)
+    if source == RANDOM:
+        chosen = random_adapter(loaded)
+    else:
+        chosen = HPRAdapter.load(source, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
+    adapters = {ADAPTER: chosen}
+    if args.compare_random and source != RANDOM:
+        adapters[RANDOM] = random_adapter(loaded, name=RANDOM)
+    editor = HPREditor(loaded.model, adapters)
     adapter = editor.adapters[ADAPTER]
-    top5 = tuple(adapter.config.selected_layers)
+    accuracy = adapter.config.probe_accuracy
+    top5 = tuple(sorted(sorted(adapter.config.layers, key=lambda layer: -accuracy.get(layer, 0.0))[:5]))
     print(
         f"# {loaded.model_id} {loaded.dtype} on {loaded.device}, torch threads {torch.get_num_threads()}, "
         f"prompt {args.prompt_len} tok, output {args.gen_len} tok, best of {args.repeats}"
     )
+    print(f"# adapter: {source}; 'top5' = its 5 best layers by probe accuracy {list(top5)}")
     print(f"# load average before: {os.getloadavg()}")
 
     loop = asyncio.new_event_loop()
@@ -244,13 +303,11 @@ def main() -> None:
     engine_run(4, [None])()  # warm-up
     all_layers = editor.resolve(ADAPTER, "all")
     top5_spec = editor.resolve(ADAPTER, list(top5))
-    line = "{:<44} {:>9.1f} tok/s e2e  {:>9.1f} tok/s decode  ({:.2f} s)"
-
     if "scale" in only:
         print("\n## concurrency (no edit)")
         for n in (1, 8, 32):
             r = interleaved({"x": engine_run(n, [None])}, args.repeats)["x"]
-            print(line.format(f"engine, {n} concurrent", r.e2e_tok_s, r.decode_tok_s, r.wall))
+            print(fmt(f"engine, {n} concurrent", r))
 
     if "hf" in only:
         print("\n## vs HF generate, static batch of 32 (target ≥ 0.9×)")
@@ -261,13 +318,12 @@ def main() -> None:
             },
             args.repeats,
         )
-        print(line.format("HF generate, batch 32", res["hf"].e2e_tok_s, float("nan"), res["hf"].wall))
+        print(fmt("HF generate, batch 32", res["hf"]))
+        print(fmt("engine, 32 concurrent", res["engine"]))
         print(
-            line.format(
-                "engine, 32 concurrent", res["engine"].e2e_tok_s, res["engine"].decode_tok_s, res["engine"].wall
-            )
+            f"ratio engine / HF generate: tok/s {res['engine'].e2e_tok_s / res['hf'].e2e_tok_s:.3f}, "
+            f"tok/CPU-s {res['engine'].tok_per_cpu_s / res['hf'].tok_per_cpu_s:.3f}"
         )
-        print(f"ratio engine / HF generate: {res['engine'].e2e_tok_s / res['hf'].e2e_tok_s:.3f}")
 
     if "hpr" in only:
         print("\n## HPR cost, 32 streams (targets: all 30 layers ≤ 8 %, top-5 ≤ 2 %)")
@@ -281,7 +337,7 @@ def main() -> None:
         )
         for name in ("none", "all", "top5"):
             r = res[name]
-            print(line.format(f"edit {name}", r.e2e_tok_s, r.decode_tok_s, r.wall))
+            print(fmt(f"edit {name}", r))
         for name in ("all", "top5"):
             cost = 1 - res[name].e2e_tok_s / res["none"].e2e_tok_s
             cost_decode = 1 - res[name].decode_tok_s / res["none"].decode_tok_s
@@ -310,16 +366,22 @@ def main() -> None:
 
     if "steps" in only:
         print("\n## step-interleaved (engine runner, 32 rows; robust to load drift)")
-        results = step_interleaved(
-            loaded,
-            editor,
-            {"none": [None], "all": [all_layers], "top5": [top5_spec], "8 configs": configs, "8 on top5": same_layers},
-            32,
-            args.prompt_len,
-            args.gen_len,
-            args.repeats,
-        )
-        print_step_costs({k: results[k] for k in ("none", "all", "top5")}, "none", 32, args.gen_len)
+        step_configs: dict[str, list[EditSpec | None]] = {
+            "none": [None],
+            "all": [all_layers],
+            "top5": [top5_spec],
+            "8 configs": configs,
+            "8 on top5": same_layers,
+        }
+        if RANDOM in editor.adapters:
+            step_configs["random all"] = [editor.resolve(RANDOM, "all")]
+            step_configs["random top5"] = [editor.resolve(RANDOM, list(top5))]
+        for name in (n for n in (ADAPTER, RANDOM) if n in editor.adapters):
+            share = marked_share(loaded, editor, name, 32, args.prompt_len)
+            print(f"adapter {name!r}: probes mark {100 * share:.1f} % of (token, layer) pairs (prompts, all layers)")
+        results = step_interleaved(loaded, editor, step_configs, 32, args.prompt_len, args.gen_len, args.repeats)
+        edit_rows = [k for k in ("none", "all", "top5", "random all", "random top5") if k in results]
+        print_step_costs({k: results[k] for k in edit_rows}, "none", 32, args.gen_len)
         print_step_costs({k: results[k] for k in ("top5", "8 configs", "8 on top5")}, "top5", 32, args.gen_len)
 
     if "mixed" in only:
@@ -327,7 +389,7 @@ def main() -> None:
         res = interleaved({"one": engine_run(32, [top5_spec]), "eight": engine_run(32, configs)}, args.repeats)
         for name in ("one", "eight"):
             r = res[name]
-            print(line.format(f"{name} config(s)", r.e2e_tok_s, r.decode_tok_s, r.wall))
+            print(fmt(f"{name} config(s)", r))
         print(
             f"cost of 8 configs: {100 * (1 - res['eight'].e2e_tok_s / res['one'].e2e_tok_s):.1f} % e2e, "
             f"{100 * (1 - res['eight'].decode_tok_s / res['one'].decode_tok_s):.1f} % decode"
@@ -344,8 +406,8 @@ def main() -> None:
             },
             args.repeats,
         )
-        print(line.format("engine, 1 request", res["engine"].e2e_tok_s, res["engine"].decode_tok_s, res["engine"].wall))
-        print(line.format("HF generate, batch 1", res["hf"].e2e_tok_s, float("nan"), res["hf"].wall))
+        print(fmt("engine, 1 request", res["engine"]))
+        print(fmt("HF generate, batch 1", res["hf"]))
 
     loop.run_until_complete(engine.stop())
     print(f"\n# load average after: {os.getloadavg()}")

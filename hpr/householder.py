@@ -10,8 +10,11 @@ Per token activation ``x`` (h,) and one trained layer module:
 Step 4 is evaluated in the equivalent, better-conditioned form x' = cos θ·x + sin θ·|x|·ŵ⊥ (ŵ⊥: the unit part
 of w orthogonal to x), which is the same vector (r lies in span(x, w) on the w side when w·x < 0).
 
-Everything is computed in float32 whatever the model dtype; tokens with sin γ ≈ 0 (x on the hyperplane, or
-parallel to w, or zero) are returned unchanged, so no NaN/inf can come out.
+Everything is computed in float32 whatever the model dtype, except the probe's decision (the sign of w·x), which is
+taken in float64 (:func:`probe_margin`): in float32 its rounding depends on how a kernel splits the sum, which
+changes with the batch shape, so a token within rounding of the hyperplane could be rotated in one batch and not
+in another. Tokens with sin γ ≈ 0 (x on the hyperplane, or parallel to w, or zero) are returned unchanged, so no
+NaN/inf can come out.
 """
 
 from __future__ import annotations
@@ -44,7 +47,21 @@ class RotationResult:
     theta: Tensor  # (...) float32: the applied angle (0 where not rotated)
 
 
-def householder_rotate(x: Tensor, w: Tensor, theta: Tensor, edit_mask: Tensor | None = None) -> RotationResult:
+def probe_margin(x: Tensor, w: Tensor) -> Tensor:
+    """w·x per token in float64: (..., h), (h,) → (...). Negative means the probe says "edit".
+
+    float32 inputs are exact in float64 and so are their products; only the sum rounds, at ~1e-16 relative, so the
+    sign no longer depends on the summation order (batch shape, kernel, device) except for tokens within ~1e-13 of
+    the hyperplane — far below the float32 rounding of the activations themselves. (float32 on MPS: no float64.)
+    """
+    if x.device.type == "mps":
+        return x.float() @ w.float()
+    return x.double() @ w.double()
+
+
+def householder_rotate(
+    x: Tensor, w: Tensor, theta: Tensor, edit_mask: Tensor | None = None, margin: Tensor | None = None
+) -> RotationResult:
     """Rotate each ``x`` towards its reflection through the hyperplane ``w·x = 0`` by ``theta`` radians.
 
     Args:
@@ -52,19 +69,21 @@ def householder_rotate(x: Tensor, w: Tensor, theta: Tensor, edit_mask: Tensor | 
         w: (h,) hyperplane normal (the probe weight).
         theta: (...) target angles in radians (already scaled by alpha).
         edit_mask: (...) bool, extra positions to leave untouched (False = keep). Combined with the probe rule.
+        margin: (...) float64 ``probe_margin(x, w)`` when the caller already has it.
 
-    Only tokens with ``w·x < 0`` (probe says negative, p < 0.5) are rotated.
+    Only tokens with ``w·x < 0`` (probe says negative, p < 0.5) are rotated, ``w·x`` taken in float64.
     """
     x32 = x.float()  # (..., h)
     w32 = w.float()  # (h,)
-    wx = x32 @ w32  # (...)
+    wx64 = probe_margin(x32, w32) if margin is None else margin  # (...) float64: the decision
+    wx = wx64.float()  # (...) float32: the geometry
     ww = torch.dot(w32, w32)  # ()
     xx = (x32 * x32).sum(-1)  # (...)
     tiny = torch.finfo(torch.float32).tiny
     # cos²φ between x and w. The angle γ = ∠(x, r) has sin γ = 2·sqrt(cos²φ·(1 − cos²φ)).
     c2 = ((wx * wx) / (ww * xx).clamp_min(tiny)).clamp(0.0, 1.0)
     sin_g = 2.0 * torch.sqrt(c2 * (1.0 - c2))
-    rotate = (wx < 0) & (sin_g > SIN_GAMMA_EPS)
+    rotate = (wx64 < 0) & (sin_g > SIN_GAMMA_EPS)
     if edit_mask is not None:
         rotate = rotate & edit_mask
     th = torch.where(rotate, theta.float(), torch.zeros_like(wx))  # (...)
@@ -140,11 +159,12 @@ class HPRLayer(nn.Module):
         """Apply the pseudo-rotation to activations ``x`` (..., h) with strength ``alpha`` (scalar or (...))."""
         w = self.probe.weight[0]
         x32 = x.float()
+        margin = probe_margin(x32, w)  # (...) float64
         if x.device.type != "cpu":  # gathering the candidates below would cost a device→host sync per layer
-            return householder_rotate(x, w, self.angle(x32) * alpha, edit_mask)
+            return householder_rotate(x, w, self.angle(x32) * alpha, edit_mask, margin)
         # On CPU the angle MLP is most of the cost: run it only where a rotation can happen (probe says negative,
         # inside the mask). Other tokens get θ = 0 and householder_rotate leaves them unchanged anyway.
-        candidates = (x32 @ w.float()) < 0  # (...)
+        candidates = margin < 0  # (...)
         if edit_mask is not None:
             candidates = candidates & edit_mask
         theta = torch.zeros(candidates.shape, dtype=torch.float32, device=x.device)  # (...)
@@ -152,4 +172,4 @@ class HPRLayer(nn.Module):
         if index[0].numel():
             scale = torch.as_tensor(alpha, dtype=torch.float32, device=x.device).expand(candidates.shape)
             theta[index] = self.angle(x32[index]) * scale[index]  # (k,)
-        return householder_rotate(x, w, theta, edit_mask)
+        return householder_rotate(x, w, theta, edit_mask, margin)

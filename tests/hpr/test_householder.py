@@ -107,3 +107,43 @@ def test_default_widths_follow_the_seed() -> None:
     layer = HPRLayer(576)
     linear_keys = sorted(k for k in layer.angle.state_dict() if k.endswith("weight"))
     assert linear_keys == ["model.0.weight", "model.2.weight", "model.4.weight", "model.6.weight"]
+
+
+def near_hyperplane(n: int, h: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, h) float32 tokens within ~1e-7..1e-3 of the hyperplane of a random w (h,), on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(h, generator=g)
+    v = torch.randn(n, h, generator=g, dtype=torch.float64)
+    v -= (v @ w.double())[:, None] / (w.double() @ w.double()) * w.double()  # on the hyperplane (in float64)
+    offsets = torch.logspace(-7, -3, n, dtype=torch.float64) * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    return (v + offsets[:, None] * w.double() / w.double().norm()).float(), w
+
+
+def exact_sign(x: torch.Tensor, w: torch.Tensor) -> list[bool]:
+    """Whether w·x < 0, summed exactly (rationals) from the float32 values: the independent reference."""
+    from fractions import Fraction
+
+    out = []
+    for row in x.tolist():
+        total = sum((Fraction(a) * Fraction(b) for a, b in zip(row, w.tolist(), strict=True)), Fraction(0))
+        out.append(total < 0)
+    return out
+
+
+def test_probe_decision_is_exact_and_independent_of_the_batch() -> None:
+    """Tokens within float32 rounding of the hyperplane: the float64 margin's sign is the exact one, and a token
+    gets the same decision alone, in a batch, or gathered among others (what batched serving relies on)."""
+    from hpr.householder import probe_margin
+
+    x, w = near_hyperplane(64, 576, seed=0)
+    exact = exact_sign(x, w)
+    assert 0 < sum(exact) < len(exact)
+    batched = (probe_margin(x, w) < 0).tolist()
+    assert batched == exact
+    assert [bool(probe_margin(x[i : i + 1], w)[0] < 0) for i in range(len(x))] == exact
+    assert (probe_margin(x.view(8, 8, 576), w) < 0).flatten().tolist() == exact
+    layer = HPRLayer(576)
+    with torch.no_grad():
+        layer.probe.weight.copy_(w[None])
+    rotated = layer.edit(x, 1.0).rotated.tolist()  # most of these are inside the sin γ ≈ 0 band: left alone
+    assert all(negative for negative, r in zip(exact, rotated, strict=True) if r)

@@ -67,18 +67,6 @@ def test_hpr_without_any_adapter_is_400(fake_server: Any) -> None:
     assert chat(fake_server, hpr={"layers": "none"}).json()["hpr"] is None
 
 
-def test_return_stats_reports_per_layer_stats_per_choice(fake_server: Any) -> None:
-    body = chat(fake_server, model="tiny", n=2, hpr={"layers": [1, 2], "return_stats": True}).json()
-    for choice in body["choices"]:
-        stats = choice["hpr_stats"]
-        assert set(stats) == {"1", "2"}
-        tokens = stats["1"]["tokens"]
-        assert stats["1"]["rotated"] == 1
-        assert stats["1"]["share_rotated"] == pytest.approx(1 / tokens)
-        assert stats["1"]["mean_angle"] == pytest.approx(0.25)
-    assert last_request(fake_server).return_stats
-
-
 def test_completions_take_the_same_hpr_extension(fake_server: Any) -> None:
     body = {"model": "tiny", "prompt": "abc", "max_tokens": 2, "hpr": {"layers": [3], "alpha": 0}}
     response = httpx.post(fake_server.api_base + "/completions", json=body, timeout=30).json()

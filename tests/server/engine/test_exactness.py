@@ -41,16 +41,18 @@ def greedy(request_id: str, prompt: list[int], edit: EditSpec | None, steps: int
     return GenerationRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling, edit=edit)
 
 
-def assert_matches(outputs: list[GenerationOutput], expected: tuple[list[int], list[torch.Tensor]]) -> None:
+def assert_matches(
+    outputs: list[GenerationOutput], expected: tuple[list[int], list[torch.Tensor]], tol: float = TOL
+) -> None:
     tokens, _ = joined(outputs)
     want_tokens, want_lps = expected
     assert tokens == want_tokens
     logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
     assert len(logprobs) == len(want_lps)
     for got, want in zip(logprobs, want_lps, strict=True):
-        assert abs(got.logprob - float(want[got.token_id])) < TOL
+        assert abs(got.logprob - float(want[got.token_id])) < tol
         for token_id, _text, value in got.top:
-            assert abs(value - float(want[token_id])) < TOL
+            assert abs(value - float(want[token_id])) < tol
 
 
 def edit_cases(editor: HPREditor) -> list[EditSpec | None]:
@@ -71,14 +73,30 @@ def prompts_for(loaded: LoadedModel, n: int) -> list[list[int]]:
     return [loaded.tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
 
 
+class StepSizes:
+    """Engine observer recording the rows of every decode step."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_step(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
+    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_edit(self, layer: int, tokens: int) -> None: ...
+
+
 def test_concurrent_requests_with_different_edits_match_each_alone(
     tiny_loaded: LoadedModel, tiny_editor: HPREditor
 ) -> None:
     cases = edit_cases(tiny_editor)
     prompts = prompts_for(tiny_loaded, len(cases))
+    observer = StepSizes()
 
     async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=16)
+        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=16, observer=observer)
         engine.start()
         try:
             return await asyncio.gather(
@@ -88,8 +106,13 @@ def test_concurrent_requests_with_different_edits_match_each_alone(
             await engine.stop()
 
     results = run(main())
+    assert max(observer.sizes) == len(cases)  # every request in one forward pass at some step
     for prompt, spec, outputs in zip(prompts, cases, results, strict=True):
-        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec))
+        expected = reference(tiny_loaded, tiny_editor, prompt, spec)
+        assert_matches(outputs, expected)
+        if spec is not None:  # the edit changes the output of this prompt
+            unedited = reference(tiny_loaded, tiny_editor, prompt, None)
+            assert expected[0] != unedited[0] or float((expected[1][0] - unedited[1][0]).abs().max()) > 1e-3, spec
 
 
 def test_requests_joining_a_running_batch_match_each_alone(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:

@@ -1,20 +1,51 @@
-"""The engine on the real SmolLM2 (embedded default): batched requests with different edits match each alone."""
+"""The engine on the real SmolLM2 (embedded default): batched requests with different edits match each alone.
+
+At the adapter's default strength (alpha 2): the exactness guarantee of docs/server.md ("Exactness"). Every test
+also checks that the edits change the output (against the unedited model on the same prompt) and that the
+requests really shared forward passes (the engine's step observer saw them all in one batch).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 
 from hpr.checkpoint import HPRAdapter, HPRConfig
-from hpr.editing import HPREditor
+from hpr.editing import EditSpec, HPREditor
 from hpr.errors import ModelLoadError
 from hpr.model import LoadedModel, load_model
 from server.engine.engine import Engine
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 from tests.server.engine.conftest import collect, joined, run
 from tests.server.engine.test_exactness import assert_matches, reference
+
+TRAINED = Path(__file__).resolve().parents[3] / "runs" / "truthfulqa" / "checkpoint"
+CHATS = [
+    "What is the capital of France?",
+    "Name a colour.",
+    "Write a haiku about the sea.",
+    "What happens if you crack your knuckles a lot?",
+]
+STEPS = 6
+EXACT_TOL = 2e-4  # docs/server.md "Exactness": same greedy tokens, logprobs within 2e-4 at the default alpha
+
+
+class StepSizes:
+    """Engine observer recording the rows of every decode step."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_step(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
+    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_edit(self, layer: int, tokens: int) -> None: ...
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +57,7 @@ def smollm2() -> LoadedModel:
 
 
 def random_smollm2_adapter(loaded: LoadedModel) -> HPRAdapter:
+    """Random weights of SmolLM2's shape; default alpha 2 on layers 16, 17, 19, as the trained checkpoint has."""
     torch.manual_seed(0)
     layers = list(range(loaded.num_layers))
     config = HPRConfig(
@@ -33,7 +65,8 @@ def random_smollm2_adapter(loaded: LoadedModel) -> HPRAdapter:
         hidden_size=loaded.hidden_size,
         num_layers=loaded.num_layers,
         layers=layers,
-        selected_layers=[12, 13, 14, 15, 16],
+        selected_layers=[16, 17, 19],
+        default_alpha=2.0,
     )
     adapter = HPRAdapter(config, name="random")
     with torch.no_grad():
@@ -42,35 +75,42 @@ def random_smollm2_adapter(loaded: LoadedModel) -> HPRAdapter:
     return adapter.eval()
 
 
-def test_smollm2_batched_edits_match_each_alone(smollm2: LoadedModel) -> None:
-    editor = HPREditor(smollm2.model, {"random": random_smollm2_adapter(smollm2)})
+def smollm2_adapter(loaded: LoadedModel, kind: str) -> HPRAdapter:
+    if kind == "random":
+        return random_smollm2_adapter(loaded)
+    if not (TRAINED / "hpr_config.json").is_file():
+        pytest.skip(f"no trained checkpoint at {TRAINED} (make serve trains it)")
+    return HPRAdapter.load(TRAINED, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
+
+
+def chat_prompt(loaded: LoadedModel, text: str) -> list[int]:
+    enc = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(enc["input_ids"])
+
+
+@pytest.mark.parametrize("kind", ["random", "trained"])
+def test_smollm2_batched_edits_at_the_default_alpha_match_each_alone(smollm2: LoadedModel, kind: str) -> None:
+    adapter = smollm2_adapter(smollm2, kind)
+    assert adapter.config.default_alpha == 2.0
+    editor = HPREditor(smollm2.model, {"a": adapter})
     try:
-        tokenizer = smollm2.tokenizer
-        chats = ["What is the capital of France?", "Name a colour.", "Write a haiku about the sea."]
-        prompts = [
-            list(
-                tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)["input_ids"]
-            )
-            for c in chats
-        ]
-        # alpha 0.5 on all 30 layers: at full strength this random adapter turns about half of all activations by
-        # ~90° in every layer, and a probe decision on a token within float error of the hyperplane can then flip
-        # between a batched and a single forward (any two fp32 summation orders) and move logits by ~1e-3.
-        edits = [
+        prompts = [chat_prompt(smollm2, c) for c in CHATS]
+        edits: list[EditSpec | None] = [
             None,
-            editor.resolve("random", "all", alpha=0.5),
-            editor.resolve("random", "selected", scope="generated"),
+            editor.resolve("a"),  # the adapter's defaults: its selected layers at alpha 2
+            editor.resolve("a", "all", alpha=0.5),
+            editor.resolve("a", scope="generated"),  # alpha 2
         ]
-        steps = 4
+        assert [e.alpha for e in edits if e is not None] == [2.0, 0.5, 2.0]
+        observer = StepSizes()
 
         async def main() -> list[list[GenerationOutput]]:
-            engine = Engine(smollm2, editor)
+            engine = Engine(smollm2, editor, observer=observer)
             engine.start()
             try:
+                sampling = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=3)
                 requests = [
-                    GenerationRequest(
-                        f"r{i}", p, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True, logprobs=3), edit=e
-                    )
+                    GenerationRequest(f"r{i}", p, sampling, edit=e)
                     for i, (p, e) in enumerate(zip(prompts, edits, strict=True))
                 ]
                 return await asyncio.gather(*(collect(engine, r) for r in requests))
@@ -78,8 +118,17 @@ def test_smollm2_batched_edits_match_each_alone(smollm2: LoadedModel) -> None:
                 await engine.stop()
 
         results = run(main())
+        assert max(observer.sizes) == len(prompts)  # all four rows in one forward pass at some step
         for prompt, spec, outputs in zip(prompts, edits, results, strict=True):
-            assert_matches(outputs, reference(smollm2, editor, prompt, spec, steps=steps))
+            assert_matches(outputs, reference(smollm2, editor, prompt, spec, steps=STEPS), EXACT_TOL)
             assert joined(outputs)[1]  # real text comes out
+            if spec is None:
+                continue
+            unedited_tokens, unedited_lps = reference(smollm2, editor, prompt, None, steps=STEPS)
+            tokens = joined(outputs)[0]
+            first = outputs[0].logprobs
+            assert first is not None
+            moved = abs(first[0].logprob - float(unedited_lps[0][first[0].token_id]))
+            assert tokens != unedited_tokens or moved > 1e-3, f"the edit {spec} changed nothing"
     finally:
         editor.detach()
