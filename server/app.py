@@ -5,11 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.auth import APIKeyMiddleware
+from server.auth import APIKeyMiddleware, warn_if_exposed
 from server.body_limit import BodyLimitMiddleware
 from server.errors import install_error_handlers
 from server.metrics import RequestMetricsMiddleware, ServerMetrics
+from server.openapi import install_openapi
 from server.playground import router as playground_router
+from server.request_id import RequestIdMiddleware
 from server.routes import router
 from server.runtime import EngineFactory, default_engine_factory, make_lifespan
 from server.settings import ServerSettings
@@ -26,7 +28,11 @@ def create_app(settings: ServerSettings | None = None, *, engine_factory: Engine
         summary="OpenAI-compatible server for LLMs edited by Householder Pseudo-Rotation",
         version="0.1.0",
         lifespan=make_lifespan(engine_factory or default_engine_factory),
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
+    warn_if_exposed(settings)
     app.state.settings = settings
     app.state.metrics = ServerMetrics()
     app.state.runtime = None
@@ -36,7 +42,8 @@ def create_app(settings: ServerSettings | None = None, *, engine_factory: Engine
     if settings.playground:
         app.include_router(playground_router)
     install_error_handlers(app)
-    # Added innermost first: a request meets metrics → CORS → API key → body limit → routes.
+    install_openapi(app)
+    # Added innermost first: a request meets request id → metrics → CORS → API key → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys())
     if settings.cors_origin:
@@ -44,7 +51,9 @@ def create_app(settings: ServerSettings | None = None, *, engine_factory: Engine
             CORSMiddleware,
             allow_origins=settings.cors_origin,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,4 +1,5 @@
-"""API-key authentication: ``Authorization: Bearer <key>`` on every ``/v1/*`` route when keys are configured.
+"""API-key authentication: ``Authorization: Bearer <key>`` on every ``/v1/*`` route and on the API docs
+(``/docs``, ``/redoc``, ``/openapi.json``) when keys are configured.
 
 A pure ASGI middleware, so a request without a valid key is refused (401) before its body is read or parsed.
 ``/health`` and ``/metrics`` stay open (probes and scrapers carry no key), as in vLLM.
@@ -7,12 +8,41 @@ A pure ASGI middleware, so a request without a valid key is refused (401) before
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/v1"
+PROTECTED_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def is_protected(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may well resolve to a public interface
+
+
+def warn_if_exposed(settings: ServerSettings) -> None:
+    """Log a warning when the server will listen beyond loopback with no API key."""
+    if not is_loopback(settings.host) and not settings.api_keys():
+        log.warning(
+            "binding %s without an API key: anyone who can reach this address can use the model; "
+            "set --api-key / --api-key-file (or HPR_API_KEY)",
+            settings.host,
+        )
 
 
 def key_matches(presented: str, accepted: frozenset[str]) -> bool:
@@ -33,7 +63,7 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class APIKeyMiddleware:
-    """Refuse ``/v1/*`` requests whose bearer token is not one of ``keys`` (no-op when ``keys`` is empty)."""
+    """Refuse ``/v1/*`` and docs requests whose bearer token is not one of ``keys`` (no-op when ``keys`` is empty)."""
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]) -> None:
         self.app = app
@@ -44,7 +74,7 @@ class APIKeyMiddleware:
             self.keys
             and scope["type"] == "http"
             and scope.get("method") != "OPTIONS"  # CORS preflights carry no credentials
-            and str(scope.get("path", "")).startswith(PROTECTED_PREFIX)
+            and is_protected(str(scope.get("path", "")))
         ):
             token = bearer_token(scope)
             if token is None or not key_matches(token, self.keys):

@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=False,  # server.request_id logs one line per request, with its X-Request-Id
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout)),
     )
     server = uvicorn.Server(config)

@@ -87,7 +87,7 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-.*)$", re.IGNORECASE)
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-.*|constrained-.*)$", re.IGNORECASE)
 
 
 def _param_from_loc(loc: Sequence[Any]) -> str | None:

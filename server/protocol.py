@@ -6,32 +6,107 @@ OpenAI's fields come first, in the order of the OpenAI API reference; our extens
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from hpr.householder import MAX_ALPHA
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class RequestModel(OpenAIModel):
+    """Request bodies are strict: ``true`` is no token id and ``"1"`` no number (the schema says so, too)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _number_only(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # exactly, however large (pydantic refuses floats beyond 64 bits)
+    return value
+
+
+# A JSON integer: 3 or 3.0 (JSON Schema counts both as integers), never true, "3" or 3.5. The range goes in the
+# same Field, before the validator, so the published schema shows it as minimum/maximum.
+JSONInt = Annotated[int, Field(strict=False), BeforeValidator(_number_only)]
+PositiveInt = Annotated[int, Field(strict=False, ge=1), BeforeValidator(_number_only)]
+NonNegativeInt = Annotated[int, Field(strict=False, ge=0), BeforeValidator(_number_only)]
+LogprobCount = Annotated[int, Field(strict=False, ge=0, le=20), BeforeValidator(_number_only)]
+ChoiceCount = Annotated[int, Field(strict=False, ge=1, le=64), BeforeValidator(_number_only)]
+
+
+def _signed_64(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
+
+
+# Any integer; taken modulo 2**64 into the signed 64-bit range torch seeds with. No bounds on purpose: at ±2**63 a
+# JSON number may arrive as a float a few units off, and a seed is fine either way.
+Seed = Annotated[int, Field(strict=False), BeforeValidator(_number_only), AfterValidator(_signed_64)]
+
+# Token ids and layer indices are non-negative; their upper bounds depend on the loaded model and are added to the
+# published OpenAPI schema at runtime (``server.openapi``), where ``x-hpr-bound`` names the bound.
+TokenId = Annotated[
+    int, Field(strict=False, ge=0, json_schema_extra={"x-hpr-bound": "vocab"}), BeforeValidator(_number_only)
+]
+LayerIndex = Annotated[
+    int, Field(strict=False, ge=0, json_schema_extra={"x-hpr-bound": "layers"}), BeforeValidator(_number_only)
+]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+LAYER_SPEC_PATTERN = r"^\s*(selected|all|none|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*$"
+LayerSpec = Annotated[str, Field(pattern=LAYER_SPEC_PATTERN, json_schema_extra={"x-hpr-bound": "layer-spec"})]
+TOKEN_ID_KEY_PATTERN = r"^(0|[1-9][0-9]*)$"
+MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 128  # prompts × n per completions request
+
+
+def _check_bias_keys(bias: dict[str, float]) -> dict[str, float]:
+    for key in bias:
+        if re.fullmatch(TOKEN_ID_KEY_PATTERN, key) is None:
+            raise ValueError(f"keys must be token ids (decimal integers), got {key!r}")
+    return bias
+
+
+# OpenAI sends token ids as JSON object keys (strings).
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100, le=100)]],
+    AfterValidator(_check_bias_keys),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": TOKEN_ID_KEY_PATTERN, "x-hpr-bound": "vocab"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "Token id (as a string) → bias in [-100, 100] added to its logit.",
+        }
+    ),
+]
+Stop = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)]
+
+
 # --- the `hpr` extension -----------------------------------------------------------------------------------------
 
 
-class HPRRequest(OpenAIModel):
+class HPRRequest(RequestModel):
     """Per-request HPR edit (``extra_body={"hpr": {...}}`` in the OpenAI SDKs)."""
 
-    adapter: str | None = Field(
+    adapter: NonEmptyStr | None = Field(
         default=None, description="Adapter id to edit with. Default: the adapter named by `model`, if it names one."
     )
-    layers: str | list[StrictInt] = Field(
+    layers: LayerSpec | list[LayerIndex] = Field(
         default="selected",
         description="'selected' (the adapter's chosen layers), 'all' (every trained layer), 'none', "
         "a list of layer indices, or a string such as '10-14,20'.",
     )
     alpha: float | None = Field(
         default=None,
+        ge=0,
+        le=MAX_ALPHA,
         description="Edit strength in [0, 4]; 0 leaves activations unchanged. Default: the adapter's `default_alpha` "
         "(the strength its training evaluated; 1 for checkpoints that do not record one).",
     )
@@ -62,7 +137,7 @@ class HPRApplied(OpenAIModel):
 # --- shared --------------------------------------------------------------------------------------------------------
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -85,7 +160,9 @@ class ModelCard(OpenAIModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "hpr-serve"
-    root: str | None = Field(default=None, description="Where the model or adapter was loaded from.")
+    root: str | None = Field(
+        default=None, description="What the model or adapter was loaded from: a hub id, or a directory's name."
+    )
     parent: str | None = Field(default=None, description="For an adapter: the id of the base model it edits.")
     max_model_len: int | None = Field(default=None, description="Context length (prompt + generated tokens).")
     hpr: dict[str, Any] | None = Field(
@@ -112,43 +189,52 @@ class ErrorResponse(OpenAIModel):
 # --- chat completions ----------------------------------------------------------------------------------------------
 
 
-class TextContentPart(OpenAIModel):
+class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(OpenAIModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
 
 
-class ChatCompletionRequest(OpenAIModel):
+class ChatCompletionRequest(RequestModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
     logprobs: bool = False
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None
-    n: int = Field(default=1, ge=1, le=64)
-    presence_penalty: float = 0.0
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
+    max_completion_tokens: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    n: ChoiceCount = 1
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    seed: Seed | None = None
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = 1.0
-    top_logprobs: int | None = None
-    top_p: float = 1.0
+    temperature: float = Field(default=1.0, ge=0)
+    top_logprobs: LogprobCount | None = Field(
+        default=None, description="Alternatives per token; used with `logprobs: true`, ignored without."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1)
     user: str | None = None
     # extensions
-    top_k: int = Field(default=0, description="Sample from the k most likely tokens only (0 = off).")
-    min_p: float = Field(default=0.0, description="Drop tokens whose probability is below min_p × the top probability.")
+    top_k: NonNegativeInt = Field(default=0, description="Sample from the k most likely tokens only (0 = off).")
+    min_p: float = Field(
+        default=0.0, ge=0, le=1, description="Drop tokens whose probability is below min_p × the top probability."
+    )
     repetition_penalty: float = Field(
-        default=1.0, description="Multiplicative penalty on tokens already seen (1 = off)."
+        default=1.0,
+        ge=0.01,
+        le=100,
+        description="Multiplicative penalty on tokens already seen (1 = off), in [0.01, 100]: beyond, logits overflow.",
     )
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token (benchmarks).")
-    stop_token_ids: list[int] | None = Field(default=None, description="Token ids that end generation, besides eos.")
+    stop_token_ids: list[TokenId] | None = Field(
+        default=None, description="Token ids that end generation, besides eos."
+    )
     hpr: HPRRequest | None = Field(default=None, description="Per-request HPR edit; see docs/server.md.")
 
 
@@ -221,33 +307,49 @@ class ChatCompletionChunk(OpenAIModel):
 # --- (legacy) completions ------------------------------------------------------------------------------------------
 
 
-class CompletionRequest(OpenAIModel):
+class CompletionRequest(RequestModel):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
+    prompt: (
+        NonEmptyStr
+        | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="A string, a list of strings, a list of token ids, or a list of such lists.")
+    best_of: Annotated[int, Field(strict=False, ge=1, le=1), BeforeValidator(_number_only)] | None = Field(
+        default=None, description="Only 1 (or null): no server-side best-of sampling."
+    )
     echo: bool = False
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
-    max_tokens: int | None = 16
-    n: int = Field(default=1, ge=1, le=64)
-    presence_penalty: float = 0.0
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
+    logprobs: LogprobCount | None = None
+    max_tokens: NonNegativeInt | None = 16
+    n: ChoiceCount = 1
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    seed: Seed | None = None
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    suffix: Annotated[str, Field(max_length=0)] | None = Field(
+        default=None, description="Not supported: empty or null."
+    )
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
     user: str | None = None
     # extensions
-    top_k: int = Field(default=0, description="Sample from the k most likely tokens only (0 = off).")
-    min_p: float = Field(default=0.0, description="Drop tokens whose probability is below min_p × the top probability.")
+    top_k: NonNegativeInt = Field(default=0, description="Sample from the k most likely tokens only (0 = off).")
+    min_p: float = Field(
+        default=0.0, ge=0, le=1, description="Drop tokens whose probability is below min_p × the top probability."
+    )
     repetition_penalty: float = Field(
-        default=1.0, description="Multiplicative penalty on tokens already seen (1 = off)."
+        default=1.0,
+        ge=0.01,
+        le=100,
+        description="Multiplicative penalty on tokens already seen (1 = off), in [0.01, 100]: beyond, logits overflow.",
     )
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token (benchmarks).")
-    stop_token_ids: list[int] | None = Field(default=None, description="Token ids that end generation, besides eos.")
+    stop_token_ids: list[TokenId] | None = Field(
+        default=None, description="Token ids that end generation, besides eos."
+    )
     hpr: HPRRequest | None = Field(default=None, description="Per-request HPR edit; see docs/server.md.")
 
 

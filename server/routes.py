@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 
@@ -30,6 +30,12 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
 }
 
+# `stream: true` answers with server-sent events instead of the JSON body.
+_STREAMED: dict[int | str, dict[str, object]] = {
+    **_ERRORS,
+    200: {"content": {"text/event-stream": {"schema": {"type": "object"}}}},  # completed in server/openapi.py
+}
+
 router = APIRouter()
 
 
@@ -44,8 +50,9 @@ async def health(runtime: RuntimeDep) -> dict[str, str]:
     return {"status": "ok", "model": runtime.base_id}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
+    """Prometheus text format (``text/plain; version=…``)."""
     registry = request.app.state.metrics
     assert isinstance(registry, ServerMetrics)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
@@ -61,7 +68,7 @@ async def model(model_id: str, runtime: RuntimeDep) -> ModelCard:
     return get_model(runtime, model_id)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: RuntimeDep) -> Response:
     result = await ServingChat(runtime).create(body, request)
     if isinstance(result, ChatCompletionResponse):
@@ -69,7 +76,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, runtim
     return _sse(result)
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAMED)
 async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep) -> Response:
     result = await ServingCompletion(runtime).create(body, request)
     if isinstance(result, CompletionResponse):

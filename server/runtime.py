@@ -26,6 +26,7 @@ from hpr.model import LoadedModel, load_model
 from server.engine.types import EngineObserver, GenerationOutput, GenerationRequest
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.serving.admission import Admission
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Runtime:
     engine: EngineLike
     adapter_sources: dict[str, Path]
     max_model_len: int
+    admission: Admission  # generations held by requests in flight: checked before any tokenizing
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -114,7 +116,15 @@ def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Ru
         loaded.model_id, loaded.num_layers, loaded.hidden_size, loaded.dtype, loaded.device, len(adapters),
         sorted(adapters), time.monotonic() - started,
     )  # fmt: skip
-    return Runtime(loaded=loaded, editor=editor, engine=engine, adapter_sources=sources, max_model_len=max_len)
+    admission = Admission(settings.max_batch_size, settings.max_queue)
+    return Runtime(
+        loaded=loaded,
+        editor=editor,
+        engine=engine,
+        adapter_sources=sources,
+        max_model_len=max_len,
+        admission=admission,
+    )
 
 
 async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
@@ -175,7 +185,7 @@ def get_runtime(request: Request) -> Runtime:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     if runtime is None:
         error = getattr(state, "load_error", None)
-        if error:
-            raise APIError(503, f"the model failed to load: {error}", code="load_failed")
+        if error:  # the details (paths, exception text) are in the server log, not for every client
+            raise APIError(503, "the model failed to load", code="load_failed")
         raise APIError(503, "the model is still loading", code="model_loading", headers={"Retry-After": "5"})
     return runtime

@@ -83,6 +83,11 @@ class ServerSettings(BaseSettings):
     playground: bool = Field(
         default=True, description="Serve the A/B playground page at /playground (--no-playground: off)."
     )
+    docs: bool = Field(
+        default=True,
+        description="Serve the API docs (/docs, /redoc, /openapi.json; they need the API key when one is set). "
+        "--no-docs: off.",
+    )
     log_level: LogLevel = Field(default="info", description="Log level of the server and uvicorn.")
 
     @field_validator("adapter", "api_key", "cors_origin", mode="before")

@@ -65,11 +65,10 @@ def tiny_adapter() -> HPRAdapter:
     return make_random_adapter()
 
 
-@pytest.fixture(scope="session")
-def truthfulqa_dir() -> Path:
-    if not (TRUTHFULQA_DIR / "mc_task.json").exists():
-        pytest.skip(f"TruthfulQA not found at {TRUTHFULQA_DIR}")
-    return TRUTHFULQA_DIR
+def find_truthfulqa(directory: Path | None = None) -> Path | None:
+    """``directory`` (default: ``TRUTHFULQA_DIR``) if it holds TruthfulQA's ``mc_task.json``."""
+    directory = directory or TRUTHFULQA_DIR
+    return directory if (directory / "mc_task.json").is_file() else None
 
 
 def find_seed_checkpoint() -> Path | None:
@@ -89,6 +88,12 @@ def require_shared_fixture(found: Path | None, what: str) -> Path:
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"{message}, and CI requires it", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def truthfulqa_dir() -> Path:
+    """``../shared/data/truthfulqa`` (or ``$HPR_TRUTHFULQA_DIR``); under ``CI=true`` its absence fails the test."""
+    return require_shared_fixture(find_truthfulqa(), f"TruthfulQA ({TRUTHFULQA_DIR} or $HPR_TRUTHFULQA_DIR)")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from server.engine.types import GenerationOutput, GenerationRequest
-from server.errors import APIError
 from server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -33,7 +32,24 @@ class ServingChat:
         self.runtime = runtime
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> ChatCompletionResponse | AsyncIterator[str]:
-        """A full response, or (``stream: true``) an iterator of SSE data payloads ending with ``[DONE]``."""
+        """A full response, or (``stream: true``) an iterator of SSE data payloads ending with ``[DONE]``.
+
+        Admission comes first: a request the server cannot hold is refused before the chat template runs.
+        """
+        ticket = self.runtime.admission.admit(request.n)
+        try:
+            result = await self._create(request, raw)
+        except BaseException:
+            ticket.release()
+            raise
+        if isinstance(result, ChatCompletionResponse):
+            ticket.release()
+            return result
+        return ticket.hold_until_done(result)
+
+    async def _create(
+        self, request: ChatCompletionRequest, raw: Request
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
         rt = self.runtime
         edit = resolve_edit(rt, request.model, request.hpr)
         prompt_ids = render_chat(rt.tokenizer, request.messages)
@@ -41,10 +57,6 @@ class ServingChat:
         check_context(len(prompt_ids), 1 if max_tokens is None else max_tokens, rt.max_model_len, "messages")
         if max_tokens is None:
             max_tokens = rt.max_model_len - len(prompt_ids)  # OpenAI: unlimited, i.e. up to the context
-        if request.top_logprobs is not None and not request.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
-            raise APIError(400, "top_logprobs must be in [0, 20]", param="top_logprobs", code="invalid_value")
         params = sampling_params(
             request,
             max_tokens=max_tokens,

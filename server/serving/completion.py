@@ -12,12 +12,19 @@ from fastapi import Request
 
 from server.engine.types import GenerationOutput, GenerationRequest, TokenLogprob
 from server.errors import APIError
-from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, UsageInfo
+from server.protocol import (
+    MAX_PROMPTS,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 from server.runtime import Runtime
 from server.serving.edits import ResolvedEdit, resolve_edit, stats_payload
 from server.serving.generation import ChoiceResult, collect_all, merge_streams, open_streams
 from server.serving.logprobs import completion_logprobs
-from server.serving.prompts import MAX_PROMPTS, Prompt, check_context, completion_prompts
+from server.serving.prompts import Prompt, check_context, completion_prompts, prompt_count
 from server.serving.sampling import for_choice, sampling_params
 from server.serving.sse import chunk_json, new_id, now, with_error_frame
 
@@ -30,19 +37,34 @@ class ServingCompletion:
         return str(self.runtime.tokenizer.decode(prompt.ids[:1]))
 
     async def create(self, request: CompletionRequest, raw: Request) -> CompletionResponse | AsyncIterator[str]:
+        """A full response, or (``stream: true``) an iterator of SSE data payloads ending with ``[DONE]``.
+
+        Admission comes first: a request the server cannot hold is refused before any prompt is tokenized.
+        """
+        choices = prompt_count(request.prompt) * request.n
+        if choices > MAX_PROMPTS:
+            raise APIError(400, f"prompts × n must be at most {MAX_PROMPTS}", param="n", code="invalid_value")
+        ticket = self.runtime.admission.admit(choices)
+        try:
+            result = await self._create(request, raw)
+        except BaseException:
+            ticket.release()
+            raise
+        if isinstance(result, CompletionResponse):
+            ticket.release()
+            return result
+        return ticket.hold_until_done(result)
+
+    async def _create(self, request: CompletionRequest, raw: Request) -> CompletionResponse | AsyncIterator[str]:
         rt = self.runtime
-        if request.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix", code="unsupported")
-        if request.best_of not in (None, 1, request.n):
-            raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported")
         edit = resolve_edit(rt, request.model, request.hpr)
         prompts = completion_prompts(rt.tokenizer, request.prompt, rt.vocab_size)
-        if len(prompts) * request.n > MAX_PROMPTS:
-            raise APIError(400, f"prompts × n must be at most {MAX_PROMPTS}", param="n", code="invalid_value")
         for prompt in prompts:
             check_context(len(prompt.ids), 1 if request.max_tokens is None else request.max_tokens, rt.max_model_len,
                           "prompt")  # fmt: skip
         score_prompt = request.echo and request.logprobs is not None
+        if request.max_tokens == 0 and not score_prompt:
+            return self._nothing_to_generate(request, edit, prompts)
         base = sampling_params(
             request,
             max_tokens=request.max_tokens if request.max_tokens is not None else 1,
@@ -86,6 +108,44 @@ class ServingCompletion:
             usage=UsageInfo.count(prompt_tokens, completion_tokens),
             hpr=edit.applied,
         )
+
+    def _nothing_to_generate(
+        self, request: CompletionRequest, edit: ResolvedEdit, prompts: list[Prompt]
+    ) -> CompletionResponse | AsyncIterator[str]:
+        """``max_tokens: 0`` without prompt scoring: every choice is finished before it starts (the prompt when
+        echoing, else empty text; ``finish_reason: "length"``). No engine work."""
+        model = request.model or self.runtime.base_id
+        response = CompletionResponse(
+            id=new_id("cmpl"),
+            created=now(),
+            model=model,
+            choices=[
+                self._choice(p * request.n + j, request, prompt, ChoiceResult(finish_reason="length"))
+                for p, prompt in enumerate(prompts)
+                for j in range(request.n)
+            ],
+            usage=UsageInfo.count(sum(len(p.ids) for p in prompts), 0),
+            hpr=edit.applied,
+        )
+        if not request.stream:
+            return response
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        async def frames() -> AsyncIterator[str]:
+            for i, choice in enumerate(response.choices):
+                chunk = CompletionChunk(
+                    id=response.id, created=response.created, model=model, choices=[choice],
+                    hpr=edit.applied if i == 0 else None,
+                )  # fmt: skip
+                yield chunk_json(chunk)
+            if include_usage:
+                yield chunk_json(
+                    CompletionChunk(
+                        id=response.id, created=response.created, model=model, choices=[], usage=response.usage
+                    )
+                )
+
+        return with_error_frame(frames())
 
     def _choice(self, index: int, request: CompletionRequest, prompt: Prompt, r: ChoiceResult) -> CompletionChoice:
         logprobs = None

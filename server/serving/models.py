@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hpr.checkpoint import HPRAdapter
 from server.errors import APIError
 from server.protocol import ModelCard, ModelList
@@ -21,9 +23,18 @@ def adapter_info(adapter: HPRAdapter) -> dict[str, object]:
     }
 
 
+def public_root(source: str | Path) -> str:
+    """What ``root`` shows: a directory's name, never its absolute path (which tells a client about the host)."""
+    path = Path(source)
+    return path.name if path.is_absolute() or path.exists() else str(source)
+
+
 def list_models(runtime: Runtime) -> ModelList:
     base = ModelCard(
-        id=runtime.base_id, created=runtime.created, root=runtime.loaded.source, max_model_len=runtime.max_model_len
+        id=runtime.base_id,
+        created=runtime.created,
+        root=public_root(runtime.loaded.source),
+        max_model_len=runtime.max_model_len,
     )
     cards = [base]
     for name, adapter in runtime.adapters.items():
@@ -32,7 +43,7 @@ def list_models(runtime: Runtime) -> ModelList:
             ModelCard(
                 id=name,
                 created=runtime.created,
-                root=str(source) if source is not None else None,
+                root=public_root(source) if source is not None else None,
                 parent=runtime.base_id,
                 max_model_len=runtime.max_model_len,
                 hpr=adapter_info(adapter),

@@ -8,8 +8,6 @@ from typing import Any
 from server.errors import APIError
 from server.protocol import ChatMessage
 
-MAX_PROMPTS = 128  # prompts × n per completions request
-
 
 @dataclass(frozen=True)
 class Prompt:
@@ -59,6 +57,13 @@ def _check_ids(ids: list[int], vocab_size: int) -> list[int]:
     return ids
 
 
+def prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts a completions request holds (without tokenizing anything)."""
+    if isinstance(prompt, str) or all(isinstance(x, int) for x in prompt):
+        return 1
+    return len(prompt)
+
+
 def completion_prompts(
     tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], vocab_size: int
 ) -> list[Prompt]:
@@ -72,8 +77,6 @@ def completion_prompts(
         items = [x for x in prompt if isinstance(x, (str, list))]
     if not items:
         raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-    if len(items) > MAX_PROMPTS:
-        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt", code="too_many_prompts")
     out = []
     for item in items:
         if isinstance(item, str):

@@ -8,8 +8,6 @@ from server.engine.types import SamplingParams
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
-MAX_STOP_STRINGS = 16
-
 
 def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
     """OpenAI sends token ids as JSON object keys (strings)."""
@@ -31,10 +29,7 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
 
 
 def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
-    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(strings) > MAX_STOP_STRINGS:
-        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop", code="invalid_value")
-    return strings
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())  # count and emptiness: checked by the protocol
 
 
 def _stop_token_ids(ids: list[int] | None, vocab_size: int) -> tuple[int, ...]:

@@ -75,3 +75,13 @@ def test_proxy_spreads_over_the_replicas(services: dict[str, Any]) -> None:
     assert proxy["depends_on"]["replica"]["condition"] == "service_healthy"
     assert "ports" not in services["replica"]  # only the proxy is published
     assert "flush_interval -1" in caddyfile  # streamed tokens are not held back
+
+
+def test_servers_require_an_api_key_from_the_env_file(services: dict[str, Any]) -> None:
+    for name in SERVING:
+        key = services[name]["environment"]["HPR_API_KEY"]
+        # `${VAR:?message}`: compose refuses to start without it, with that message
+        assert re.fullmatch(r"\$\{HPR_API_KEY:\?.*docker/\.env.*\}", key), (name, key)
+    example = (REPO_ROOT / "docker" / "env.example").read_text()
+    assert re.search(r"^HPR_API_KEY=$", example, re.MULTILINE)  # shipped without a key: each deployment sets its own
+    assert "docker/.env" in (REPO_ROOT / ".gitignore").read_text().splitlines()

@@ -1,0 +1,129 @@
+"""How fast are over-capacity requests refused? 429 latency under a burst of concurrent chat requests.
+
+Starts ``hpr-serve`` (default: the embedded SmolLM2, ``--max-batch-size 32 --max-queue 64``), sends N concurrent
+chat requests at once, and prints how many were served and refused, and the latency of the 429s (p50/p99) — with
+the machine's load average, since on a shared CPU that decides most of it. The admitted requests keep the engine
+busy while the refusals happen, which is the point: a refusal must not wait for tokenizing or for the model.
+
+    .venv/bin/python bench/refusal_latency.py [--concurrency 256] [--max-tokens 32] [--model DIR] [--base-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HPR_SERVE = Path(sys.executable).parent / "hpr-serve"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def _burst(base_url: str, concurrency: int, max_tokens: int) -> list[tuple[int, float]]:
+    body = {
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        # open the connections first, so the burst measures the server and not TCP handshakes
+        await asyncio.gather(*(client.get("/health") for _ in range(concurrency)))
+        start = asyncio.Event()
+
+        async def one() -> tuple[int, float]:
+            await start.wait()
+            t0 = time.perf_counter()
+            response = await client.post("/v1/chat/completions", json=body)
+            return response.status_code, time.perf_counter() - t0
+
+        tasks = [asyncio.create_task(one()) for _ in range(concurrency)]
+        await asyncio.sleep(0.1)
+        start.set()
+        return list(await asyncio.gather(*tasks))
+
+
+def _wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"hpr-serve exited with status {process.returncode}")
+        try:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("hpr-serve did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--model", default=None, help="hpr-serve --model (default: the embedded SmolLM2)")
+    parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument("--base-url", default=None, help="measure a running server instead of starting one")
+    args = parser.parse_args()
+
+    process = None
+    base_url = args.base_url
+    if base_url is None:
+        port = _free_port()
+        command = [str(HPR_SERVE), "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+                   "--max-queue", str(args.max_queue), "--num-threads", str(args.num_threads),
+                   "--log-level", "warning"]  # fmt: skip
+        if args.model:
+            command += ["--model", args.model]
+        process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(args.num_threads)})
+        base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base_url, process) if process is not None else None
+        load_before = os.getloadavg()[0]
+        results = asyncio.run(_burst(base_url, args.concurrency, args.max_tokens))
+        load_after = os.getloadavg()[0]
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+    refused = [seconds for status, seconds in results if status == 429]
+    served = [seconds for status, seconds in results if status == 200]
+    other = sorted({status for status, _ in results} - {200, 429})
+    capacity = args.max_batch_size + args.max_queue
+    print(
+        f"{args.concurrency} concurrent chat requests, capacity {capacity} (max_batch_size {args.max_batch_size} "
+        f"+ max_queue {args.max_queue}), max_tokens {args.max_tokens}"
+    )
+    print(f"served: {len(served)}  refused (429): {len(refused)}  other statuses: {other or 'none'}")
+    if refused:
+        p50, p99 = _percentile(refused, 0.5) * 1000, _percentile(refused, 0.99) * 1000
+        print(
+            f"429 latency: p50 {p50:.0f} ms  p99 {p99:.0f} ms  max {max(refused) * 1000:.0f} ms  "
+            f"mean {statistics.fmean(refused) * 1000:.0f} ms"
+        )
+    if served:
+        print(f"served latency: p50 {_percentile(served, 0.5):.1f} s  max {max(served):.1f} s")
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()
