@@ -13,7 +13,8 @@ from typing import Any
 
 from hpr.errors import HPRError
 from hpr.model import EMBEDDED_MODEL_ID
-from trainer.eval_gen import BASE, EditConfig, EvalGenOptions, parse_config, run_eval_gen
+from trainer.eval_gen import EditConfig, EvalGenOptions, parse_config, run_eval_gen
+from trainer.gen_report import BASE
 
 CHAT_QUESTIONS = Path(__file__).with_name("chat_questions.txt")
 

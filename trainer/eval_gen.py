@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -33,22 +34,16 @@ from hpr.checkpoint import HPRAdapter
 from hpr.editing import HPREditor
 from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from trainer import data as D
-from trainer import gen_metrics as M
 from trainer.errors import DataError, TrainerError
-from trainer.evaluate import PassContexts, answer_logprobs, paired_bootstrap_ci, scope_contexts, score_questions
+from trainer.evaluate import PassContexts, answer_logprobs, scope_contexts, score_questions
 from trainer.gen_client import ChatAnswer, ChatRequest, GenerationError, LocalServer, generate, list_models
+from trainer.gen_report import BASE, answer_rows, choose, summarise
 from trainer.prefix_cache import PrefixRunner
 from trainer.store import atomic_write
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
 SCOPES = ("all", "generated")
-# The fluency guard a served default must hold (docs/quality.md): relative to the base on the same questions.
-GUARD_PPL_RATIO = 1.15
-GUARD_DEGENERATE_POINTS = 0.02
-GUARD_NON_ANSWER_POINTS = 0.05
-TRUTH_METRICS = ("bleu_acc", "rougeL_acc", "bleu_diff", "rougeL_diff", "bleu_max", "rougeL_max")
 
 
 class ConfigError(TrainerError):
@@ -240,75 +235,12 @@ def base_perplexities(
     runner = PrefixRunner(lm.model)
     out: list[list[float]] = []
     for prompt, texts in zip(prompts, answers, strict=True):
-        rows = [_ids(lm.tokenizer, t) for t in texts]
+        unique = list(dict.fromkeys(texts))  # configurations often give the same answer: score it once
+        rows = [_ids(lm.tokenizer, t) for t in unique]
         logps = answer_logprobs(runner, runner, None, prompt, rows, batch_tokens)
-        out.append([math.exp(-float(np.mean(lp))) if lp else math.nan for lp in logps])
+        ppl = {t: math.exp(-float(np.mean(lp))) if lp else math.nan for t, lp in zip(unique, logps, strict=True)}
+        out.append([ppl[t] for t in texts])
     return out
-
-
-# --- summary --------------------------------------------------------------------------------------------------------
-
-
-def _stat(values: Sequence[float], base: Sequence[float] | None, opts: EvalGenOptions) -> dict[str, Any]:
-    v = np.asarray(values, dtype=np.float64)
-    entry: dict[str, Any] = {"value": float(np.nanmean(v)) if v.size else math.nan}
-    if base is not None:
-        lo, hi = paired_bootstrap_ci(base, values, opts.bootstrap, opts.seed)
-        entry["delta"] = float(np.mean(v) - np.mean(np.asarray(base, dtype=np.float64)))
-        entry["delta_ci95"] = [lo, hi]
-    return entry
-
-
-def fluency_summary(
-    rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, Any]] | None, opts: EvalGenOptions
-) -> dict[str, Any]:
-    """Median perplexity, mean rep4, degenerate and non-answer shares (with deltas when ``base_rows``)."""
-    ppl = [r["perplexity"] for r in rows]
-    finite = [p for p in ppl if math.isfinite(p)]
-    out: dict[str, Any] = {
-        "median_perplexity": float(np.median(finite)) if finite else math.nan,
-        "answers": len(rows),
-    }
-    for key in ("rep4", "degenerate", "non_answer"):
-        b = [float(r[key]) for r in base_rows] if base_rows is not None else None
-        out[key] = _stat([float(r[key]) for r in rows], b, opts)
-    out["mean_completion_tokens"] = float(np.mean([r["completion_tokens"] for r in rows]))
-    out["stopped_share"] = float(np.mean([r["finish_reason"] == "stop" for r in rows]))
-    if base_rows is not None:
-        base_median = float(np.median([p for p in (r["perplexity"] for r in base_rows) if math.isfinite(p)]))
-        out["perplexity_ratio"] = out["median_perplexity"] / base_median
-    return out
-
-
-def guard(fluency: dict[str, Any]) -> dict[str, Any]:
-    """The fluency guard of a configuration on one question set (needs the deltas vs the base)."""
-    checks = {
-        "perplexity_ratio": fluency["perplexity_ratio"] <= GUARD_PPL_RATIO,
-        "degenerate": fluency["degenerate"]["delta"] <= GUARD_DEGENERATE_POINTS + 1e-12,
-        "non_answer": fluency["non_answer"]["delta"] <= GUARD_NON_ANSWER_POINTS + 1e-12,
-    }
-    return {"holds": all(checks.values()), "checks": checks}
-
-
-def truth_score(result: dict[str, Any]) -> float:
-    """The rule's truthfulness: the mean of BLEU-acc and ROUGE-L-acc on TruthfulQA."""
-    t = result["truthfulqa"]
-    return float((t["bleu_acc"]["value"] + t["rougeL_acc"]["value"]) / 2)
-
-
-def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The rule (docs/quality.md): the highest truthfulness among edits whose guard holds on every question set."""
-    held = [n for n, r in results.items() if n != BASE and r["guard"]["holds"]]
-    if not held:
-        least = min(
-            (n for n in results if n != BASE),
-            key=lambda n: results[n]["truthfulqa"]["fluency"]["perplexity_ratio"],
-            default=None,
-        )
-        return {"choice": None, "least_harm": least, "reason": "no edit holds the fluency guard"}
-    best = max(held, key=lambda n: truth_score(results[n]))
-    beats = truth_score(results[best]) > truth_score(results[BASE])
-    return {"choice": best, "beats_base": beats, "truthfulness": truth_score(results[best])}
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -354,6 +286,8 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
     timings["generate"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if opts.threads is None:  # the server has stopped: scoring may use every core
+        torch.set_num_threads(os.cpu_count() or 1)
     prompts = [chat_prompt_ids(lm.tokenizer, text) for text in texts]
     mismatched = [i for i, p in enumerate(prompts) if len(p) != answers[(BASE, i)].prompt_tokens]
     if mismatched:
@@ -369,8 +303,8 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
     timings["chat_mc"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rows = _answer_rows(names, questions, general, refs, answers, ppl, mc)
-    results = _summarise(opts, names, rows, len(questions))
+    rows = answer_rows(names, questions, general, refs, answers, ppl, mc)
+    results = summarise(names, rows, opts.bootstrap, opts.seed)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report = {
@@ -422,7 +356,7 @@ def _generate_all(
         if not bases:
             raise GenerationError(f"{base_url}: /v1/models lists no base model")
         requests = _answers_for(opts, bases[0], names, configs, texts)
-        return generate(base_url, requests, opts.concurrency, opts.api_key)
+        return generate(base_url, requests, opts.concurrency, opts.api_key, progress=opts.progress)
 
     if opts.base_url is not None:
         return run(opts.base_url)
@@ -468,85 +402,3 @@ def _chat_mc(
     finally:
         editor.detach()
     return out
-
-
-def _answer_rows(
-    names: Sequence[str],
-    questions: Sequence[D.Question],
-    general: Sequence[str],
-    refs: dict[int, tuple[tuple[str, ...], tuple[str, ...]]],
-    answers: dict[tuple[str, int], ChatAnswer],
-    ppl: Sequence[Sequence[float]],
-    mc: dict[str, list[tuple[float, float]] | None],
-) -> list[dict[str, Any]]:
-    n_tqa = len(questions)
-    limits = {
-        "truthfulqa": M.percentile([ppl[i][0] for i in range(n_tqa)], 95),
-        "general": M.percentile([ppl[i][0] for i in range(n_tqa, n_tqa + len(general))], 95),
-    }
-    rows: list[dict[str, Any]] = []
-    for i in range(n_tqa + len(general)):
-        is_tqa = i < n_tqa
-        qset = "truthfulqa" if is_tqa else "general"
-        row: dict[str, Any] = {
-            "set": qset,
-            "question": questions[i].question if is_tqa else general[i - n_tqa],
-            "answers": {},
-        }
-        if is_tqa:
-            row["index"] = questions[i].index
-            true_refs, false_refs = M.references(*refs[questions[i].index])
-        for c, name in enumerate(names):
-            a = answers[(name, i)]
-            rep4 = M.repeated_4gram_share(a.text)
-            entry: dict[str, Any] = {
-                "text": a.text,
-                "finish_reason": a.finish_reason,
-                "completion_tokens": a.completion_tokens,
-                "perplexity": ppl[i][c],
-                "rep4": rep4,
-                "non_answer": M.is_non_answer(a.text),
-                "degenerate": M.is_degenerate(ppl[i][c], rep4, limits[qset]),
-            }
-            if is_tqa:
-                entry.update(asdict(M.truthfulness(a.text, true_refs, false_refs)))
-                scores = mc[name]
-                if scores is not None:
-                    entry["mc1"], entry["mc2"] = scores[i]
-            row["answers"][name] = entry
-        rows.append(row)
-    return rows
-
-
-def _summarise(
-    opts: EvalGenOptions, names: Sequence[str], rows: Sequence[dict[str, Any]], n_tqa: int
-) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    sets = {
-        "truthfulqa": [r for r in rows if r["set"] == "truthfulqa"],
-        "general": [r for r in rows if r["set"] == "general"],
-    }
-    for name in names:
-        result: dict[str, Any] = {}
-        for qset, qrows in sets.items():
-            if not qrows:
-                continue
-            mine = [r["answers"][name] for r in qrows]
-            base = [r["answers"][BASE] for r in qrows] if name != BASE else None
-            entry: dict[str, Any] = {"fluency": fluency_summary(mine, base, opts)}
-            if qset == "truthfulqa":
-                for metric in TRUTH_METRICS:
-                    b = [x[metric] for x in base] if base is not None else None
-                    entry[metric] = _stat([x[metric] for x in mine], b, opts)
-                if all("mc1" in x for x in mine):
-                    for metric in ("mc1", "mc2"):
-                        b = [x[metric] for x in base] if base is not None and all(metric in x for x in base) else None
-                        entry[f"chat_{metric}"] = _stat([x[metric] for x in mine], b, opts)
-            result[qset] = entry
-        if name != BASE:
-            guards = {qset: guard(result[qset]["fluency"]) for qset in result}
-            result["guard"] = {"holds": all(g["holds"] for g in guards.values()), **guards}
-        else:
-            result["guard"] = {"holds": True}
-        results[name] = result
-    return results

@@ -16,13 +16,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
 from trainer.errors import TrainerError
 
@@ -104,8 +105,12 @@ class LocalServer:
         self.stop()
         raise GenerationError(f"hpr-serve not healthy after {self.startup_timeout:.0f} s; log tail:\n{self.log_tail()}")
 
-    def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
+    ) -> None:
         self.stop()
+        if exc_type is None:  # the log is kept (and named in the error) only when something went wrong
+            self.log.unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -188,6 +193,7 @@ def generate(
     api_key: str | None = None,
     timeout: float = 600.0,
     retries: int = 20,
+    progress: bool = False,
 ) -> dict[tuple[str, int], ChatAnswer]:
     """Send every request, ``concurrency`` at a time (they share the server's batches); answers by key."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -198,6 +204,9 @@ def generate(
     ):
         futures = {r.key: pool.submit(_post, client, r, retries) for r in requests}
         try:
+            done = as_completed(futures.values())
+            for future in tqdm(done, total=len(futures), desc="generate", unit="answer", disable=not progress):
+                future.result()  # the first failure stops the run
             return {key: future.result() for key, future in futures.items()}
         except BaseException:
             for future in futures.values():

@@ -140,3 +140,49 @@ def test_run_on_a_users_pair_file_with_ratio_splits(tmp_path, tiny_model_dir, ca
     assert "eval skipped" in capsys.readouterr().out
     adapter = HPRAdapter.load(tmp_path / "out" / "checkpoint")
     assert len(adapter.config.selected_layers) == 1
+
+
+def test_eval_takes_alpha_and_scope_from_the_checkpoint_unless_flags_override(  # type: ignore[no-untyped-def]
+    tmp_path, tiny_model_dir, tiny_truthfulqa
+) -> None:
+    out = tmp_path / "run"
+    args = run_args(out, tiny_model_dir, tiny_truthfulqa, "--format", "chat", "--alpha", "1.5", "--scope", "generated")
+    assert main(args) == 0
+    adapter = HPRAdapter.load(out / "checkpoint")
+    assert (adapter.config.default_alpha, adapter.config.default_scope) == (1.5, "generated")
+    report = json.loads((out / "eval.json").read_text())
+    assert report["edit"]["alpha"] == 1.5 and report["edit"]["scope"] == "generated"
+    plain = [a for a in run_args(out, tiny_model_dir, tiny_truthfulqa, "--format", "chat")]
+    plain[0] = "eval"  # a plain eval after select: the checkpoint's settings, not a flag's default
+    assert main(plain) == 0
+    assert json.loads((out / "eval.json").read_text())["edit"]["alpha"] == 1.5
+    assert main([*plain, "--alpha", "0.5", "--scope", "all"]) == 0
+    edit = json.loads((out / "eval.json").read_text())["edit"]
+    assert (edit["alpha"], edit["scope"]) == (0.5, "all")
+
+
+def test_pick_best_writes_what_it_picked_into_the_checkpoint(tmp_path, tiny_model_dir, tiny_truthfulqa) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    extra = ("--format", "chat", "--sweep-k", "1,3", "--sweep-alpha", "0.5,3", "--pick-best")
+    assert main(run_args(out, tiny_model_dir, tiny_truthfulqa, *extra)) == 0
+    report = json.loads((out / "eval.json").read_text())
+    best = report["sweep"]["best"]
+    adapter = HPRAdapter.load(out / "checkpoint")
+    assert len(adapter.config.selected_layers) == best["top_k"]
+    assert adapter.config.default_alpha == best["alpha"] == report["edit"]["alpha"]
+    assert adapter.config.selected_layers == report["edit"]["layers"]
+    assert "pick-best" in adapter.config.training["selection"]["picked_by"]
+
+
+def test_csv_answers_keep_the_standard_mc2(tmp_path, tiny_model_dir, tiny_truthfulqa, truthfulqa_dir) -> None:  # type: ignore[no-untyped-def]
+    from trainer.data import load_truthfulqa, load_truthfulqa_csv
+    from trainer.pipeline import RunConfig, load_dataset
+
+    (tiny_truthfulqa / "TruthfulQA.csv").write_bytes((truthfulqa_dir / "TruthfulQA.csv").read_bytes())
+    ds = load_dataset(RunConfig(out=tmp_path, data_dir=tiny_truthfulqa, answers="csv"))
+    mc = load_truthfulqa(tiny_truthfulqa)
+    csv_answers = load_truthfulqa_csv(tiny_truthfulqa, mc)
+    for q in ds.mc_splits["test"]:
+        assert q.correct == mc[q.index].correct  # scored: the standard mc2 targets
+    for q in ds.splits["train"]:
+        assert q.correct == csv_answers[q.index].correct != mc[q.index].correct  # trained: the CSV's answers
