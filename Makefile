@@ -8,6 +8,12 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.stamp
 RUN_DIR ?= runs/truthfulqa
 CHECKPOINT := $(RUN_DIR)/checkpoint
+ADAPTER := $(notdir $(RUN_DIR))
+# The served default: prompt format, strength and scope chosen on the eval split by the generation-mode rule
+# (docs/quality.md). The scoring-mode MC optimum (alpha 2 on every position) is what `make eval` compares it with.
+FORMAT ?= qa
+ALPHA  ?= 0.15
+SCOPE  ?= generated
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # Extra pip arguments, e.g. PIP_ARGS="--find-links /wheels" for offline builds.
@@ -38,13 +44,17 @@ setup-dev: $(STAMP)-dev model
 model: $(STAMP)-runtime
 	$(PY) -m hpr.prepare
 
-## Train the TruthfulQA checkpoint once (hpr-train resumes and skips every stage already done).
+## Train the TruthfulQA checkpoint once (hpr-train resumes and skips every stage already done); it records the
+## served default's alpha and scope.
 checkpoint: setup
-	$(BIN)/hpr-train run --out $(RUN_DIR) --skip-eval
+	$(BIN)/hpr-train run --out $(RUN_DIR) --format $(FORMAT) --alpha $(ALPHA) --scope $(SCOPE) --skip-eval
 
-## MC1/MC2 of that checkpoint on the test split, base vs edited: $(RUN_DIR)/eval.json.
+## On the test split: scoring-mode MC1/MC2 at the MC optimum ($(RUN_DIR)/eval.json), then the edit as a chat model,
+## the served default and the MC optimum against the base ($(RUN_DIR)/eval_gen.json, answers.jsonl).
 eval: checkpoint
-	$(BIN)/hpr-train eval --out $(RUN_DIR)
+	$(BIN)/hpr-train eval --out $(RUN_DIR) --alpha 2 --scope all
+	$(BIN)/hpr-train eval-gen --out $(RUN_DIR) --split test \
+		--config served=$(ADAPTER) --config mc-optimal=$(ADAPTER):alpha=2:scope=all
 
 serve: checkpoint
 	$(BIN)/hpr-serve --adapter truthfulqa=$(CHECKPOINT) --host $(HOST) --port $(PORT)

@@ -87,6 +87,42 @@ def table(report: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _delta(entry: dict[str, Any] | None, scale: float = 100.0) -> str:
+    if entry is None or entry.get("delta") is None:
+        return "n/a"
+    lo, hi = entry["delta_ci95"]
+    return f"{entry['delta'] * scale:+.1f} ({lo * scale:+.1f} … {hi * scale:+.1f})"
+
+
+def sweep_table(reports: list[dict[str, Any]]) -> str:
+    """Every edit configuration of several eval-split runs: its differences from the base, and the guard."""
+    head = (
+        "| configuration | edit | Δ BLEU-acc | Δ ROUGE-L-acc | Δ chat MC2 | ppl × base (TruthfulQA / everyday) "
+        "| Δ degenerate pts (TQA / everyday) | Δ non-answer pts (TQA / everyday) | guard |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for report in reports:
+        for name, result in report["results"].items():
+            if name == "base":
+                continue
+            t, g = result["truthfulqa"], result.get("general", {})
+            tf, gf = t["fluency"], g.get("fluency", {})
+            nan = {"delta": float("nan")}
+            cells = [
+                f"`{name}`",
+                _edit(report, name),
+                _delta(t["bleu_acc"]),
+                _delta(t["rougeL_acc"]),
+                _delta(t.get("chat_mc2")),
+                f"{tf['perplexity_ratio']:.2f} / {gf.get('perplexity_ratio', float('nan')):.2f}",
+                f"{tf['degenerate']['delta'] * 100:+.1f} / {gf.get('degenerate', nan)['delta'] * 100:+.1f}",
+                f"{tf['non_answer']['delta'] * 100:+.1f} / {gf.get('non_answer', nan)['delta'] * 100:+.1f}",
+                "holds" if result["guard"]["holds"] else "fails",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def gallery(rows: list[dict[str, Any]], names: list[str], count: int) -> str:
     """The first ``count`` TruthfulQA questions of the run, each configuration's answer verbatim."""
     out: list[str] = []
@@ -106,20 +142,31 @@ def gallery(rows: list[dict[str, Any]], names: list[str], count: int) -> str:
 
 
 def replace_between(text: str, marker: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->\n).*?(\n<!-- /{re.escape(marker)} -->)", re.DOTALL)
+    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->\n)(?:.*?\n)?(<!-- /{re.escape(marker)} -->)", re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"marker <!-- {marker} --> … <!-- /{marker} --> not found")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="directory with eval_gen.json and answers.jsonl")
+    parser.add_argument("--run", type=Path, default=None, help="directory with eval_gen.json and answers.jsonl")
     parser.add_argument("--configs", default="", help="comma-separated configurations [all, base first]")
     parser.add_argument("--gallery", type=int, default=12, help="questions in the gallery [12]")
     parser.add_argument("--gallery-configs", default="", help="configurations in the gallery [--configs]")
     parser.add_argument("--write", type=Path, default=None, help="update this Markdown file between its markers")
+    parser.add_argument(
+        "--sweep", type=Path, nargs="*", default=[], help="eval-split runs: the table of what was tried"
+    )
     args = parser.parse_args()
+    if args.sweep:
+        text = sweep_table([json.loads((d / "eval_gen.json").read_text()) for d in args.sweep])
+        if args.write is None:
+            print(text)
+        else:
+            args.write.write_text(replace_between(args.write.read_text(), "quality:sweep", text))
+            print(f"updated {args.write}")
+        return
     report = json.loads((args.run / "eval_gen.json").read_text())
     rows = [json.loads(line) for line in (args.run / "answers.jsonl").read_text().splitlines()]
     names = [n for n in args.configs.split(",") if n] or list(report["results"])
