@@ -225,9 +225,9 @@ def marked_share(loaded: LoadedModel, editor: HPREditor, name: str, n: int, prom
     plan = EditPlan([spec] * n, collect_stats=True)
     with torch.inference_mode(), editor.apply(plan):
         loaded.model(input_ids=ids)
-    assert plan.stats is not None
-    totals = plan.stats[:, list(spec.layers)].sum(dim=(0, 1))  # (3,) tokens, rotated, angle sum
-    return float(totals[1] / totals[0])
+    rows = [plan.row_stats(row).layers for row in range(n)]
+    tokens = sum(s.tokens for layers in rows for s in layers.values())
+    return sum(s.changed for layers in rows for s in layers.values()) / tokens
 
 
 def print_step_costs(results: dict[str, tuple[float, float, float]], baseline: str, n: int, gen_len: int) -> None:
@@ -296,7 +296,7 @@ def main() -> None:
     print(f"# load average before: {os.getloadavg()}")
 
     loop = asyncio.new_event_loop()
-    engine = Engine(loaded, editor, max_batch_size=32, max_queue=256)
+    engine = Engine(loaded, editor.registry, max_batch_size=32, max_queue=256)
     engine.start()
 
     def engine_run(n: int, edits: list[EditSpec | None]) -> Callable[[], RunResult]:

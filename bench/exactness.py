@@ -107,7 +107,7 @@ async def generate(engine: Engine, req: GenerationRequest) -> Result:
             step[lp.token_id] = lp.logprob
             steps.append(step)
         if out.edit_stats:
-            rotated = {layer: s.rotated for layer, s in out.edit_stats.items()}
+            rotated = {layer: s.changed for layer, s in out.edit_stats.layers.items()}
     return Result(tokens, steps, rotated)
 
 
@@ -115,7 +115,7 @@ async def run_batched(
     loaded: LoadedModel, editor: HPREditor, prompts: list[list[int]], edit: EditSpec | None, args: Any
 ) -> tuple[list[Result], list[int]]:
     observer = BatchSizes()
-    engine = Engine(loaded, editor, max_batch_size=args.batch, max_queue=len(prompts), observer=observer)
+    engine = Engine(loaded, editor.registry, max_batch_size=args.batch, max_queue=len(prompts), observer=observer)
     engine.start()
     try:
         results = await asyncio.gather(
@@ -129,7 +129,7 @@ async def run_batched(
 async def run_alone(
     loaded: LoadedModel, editor: HPREditor, prompts: list[list[int]], edit: EditSpec | None, args: Any
 ) -> list[Result]:
-    engine = Engine(loaded, editor, max_batch_size=1, max_queue=1)
+    engine = Engine(loaded, editor.registry, max_batch_size=1, max_queue=1)
     engine.start()
     try:
         return [await generate(engine, request(i, p, edit, args.max_tokens)) for i, p in enumerate(prompts)]

@@ -1,7 +1,8 @@
-"""HPR checkpoints ("adapters"): one directory, one JSON config, one safetensors file.
+"""Checkpoints ("adapters"): one directory, one JSON config, one safetensors file.
 
-Our format (``hpr_config.json`` + ``hpr_model.safetensors``, keys ``layers.<l>.probe.weight`` and
-``layers.<l>.angle.model.<i>.weight|bias``) is documented in ``docs/checkpoint-format.md``. The seed's format
+Our format (``hpr_config.json`` + ``hpr_model.safetensors``, keys ``layers.<l>.<the method's tensor names>``, e.g.
+``layers.<l>.probe.weight`` and ``layers.<l>.angle.model.<i>.weight|bias`` for HPR) is documented in
+``docs/checkpoint-format.md``; ``method`` in the config names the edit method (``hpr.methods``). The seed's format
 (``guidance_config.json`` + ``guidance.safetensors``, keys ``<l>.lr_model.weight`` and
 ``<l>.angle_model.model.<i>.weight|bias``, plus ``probe_results.json``), as the paper's reference code writes it,
 loads too, and :func:`save_seed_format` writes it.
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +24,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from hpr.atomic_write import atomic_write
+from hpr.edit_module import EditModule
 from hpr.errors import CheckpointError
-from hpr.householder import MAX_ALPHA, HPRLayer, default_widths
+from hpr.householder import MAX_ALPHA
+from hpr.methods import get_method
 
-FORMAT_VERSION = 1
+# 2: `method` names the edit method. A version-1 file (no `method`) is an HPR checkpoint and loads as one.
+FORMAT_VERSION = 2
 CONFIG_NAME = "hpr_config.json"
 WEIGHTS_NAME = "hpr_model.safetensors"
 SEED_CONFIG_NAME = "guidance_config.json"
@@ -49,8 +53,16 @@ class HPRConfig:
     probe_accuracy: dict[int, float] = field(
         default_factory=dict, metadata={"help": "Eval-split probe accuracy per trained layer."}
     )
+    method: str = field(
+        default="hpr",
+        metadata={
+            "help": "Edit method the weights are for (hpr.methods): 'hpr' (the default, and every version-1 "
+            "file) or 'steer'."
+        },
+    )
     angle_widths: list[int] = field(
-        default_factory=list, metadata={"help": "Angle-MLP widths h, h/2, ... (the final → 1 is implicit)."}
+        default_factory=list,
+        metadata={"help": "HPR only: angle-MLP widths h, h/2, ... (the final → 1 is implicit). Empty otherwise."},
     )
     default_alpha: float = field(
         default=1.0, metadata={"help": "Edit strength used when a request gives none (the one evaluated in training)."}
@@ -69,14 +81,13 @@ class HPRConfig:
         self.layers = sorted(int(x) for x in self.layers)
         self.selected_layers = sorted(int(x) for x in self.selected_layers)
         self.probe_accuracy = {int(k): float(v) for k, v in self.probe_accuracy.items()}
-        if not self.angle_widths:
-            self.angle_widths = default_widths(self.hidden_size)
+        if self.format_version > FORMAT_VERSION:
+            raise CheckpointError(f"format_version {self.format_version} is newer than this reader ({FORMAT_VERSION})")
         if self.hidden_size < 1 or self.num_layers < 1:
             raise CheckpointError(
                 f"hidden_size and num_layers must be positive, got {self.hidden_size}, {self.num_layers}"
             )
-        if self.angle_widths[0] != self.hidden_size:
-            raise CheckpointError(f"angle_widths must start at hidden_size {self.hidden_size}: {self.angle_widths}")
+        get_method(self.method).prepare(self)  # e.g. HPR's angle_widths: defaulted and checked
         bad = [x for x in self.layers if not 0 <= x < self.num_layers]
         if bad:
             raise CheckpointError(f"layers {bad} out of range for a {self.num_layers}-layer model")
@@ -87,11 +98,10 @@ class HPRConfig:
             raise CheckpointError(f"default_alpha must be finite and in [0, {MAX_ALPHA}], got {self.default_alpha}")
         if self.default_scope not in ("all", "generated"):
             raise CheckpointError(f"default_scope must be 'all' or 'generated', got {self.default_scope!r}")
-        if self.format_version > FORMAT_VERSION:
-            raise CheckpointError(f"format_version {self.format_version} is newer than this reader ({FORMAT_VERSION})")
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["format_version"] = FORMAT_VERSION  # what is written is the current format, whatever was read
         data["probe_accuracy"] = {str(k): v for k, v in sorted(self.probe_accuracy.items())}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -102,20 +112,26 @@ class HPRConfig:
 
 
 class HPRAdapter(nn.Module):
-    """A set of per-layer HPR modules plus their config. Parameters are always float32."""
+    """A checkpoint in memory: one module of ``config.method`` per trained layer, plus the config. float32.
+
+    (The name is the project's: an hpr-serve adapter, whichever edit method it holds.)
+    """
 
     def __init__(self, config: HPRConfig, name: str = "hpr", source: str | None = None) -> None:
         super().__init__()
         self.config = config
         self.name = name
         self.source = source
-        self.modules_by_layer = nn.ModuleDict(
-            {str(layer): HPRLayer(config.hidden_size, config.angle_widths) for layer in config.layers}
-        )
+        method = get_method(config.method)
+        self.modules_by_layer = nn.ModuleDict({str(layer): method.build(config) for layer in config.layers})
 
-    def layer(self, index: int) -> HPRLayer:
-        module = self.modules_by_layer[str(index)]
-        assert isinstance(module, HPRLayer)
+    def layer(self, index: int) -> nn.Module:
+        """The trained module of decoder layer ``index`` (an ``HPRLayer`` for method ``hpr``)."""
+        return self.modules_by_layer[str(index)]
+
+    def edit_module(self, index: int) -> EditModule:
+        """The trained module of decoder layer ``index``, as the hooks use it."""
+        module: EditModule = self.modules_by_layer[str(index)]  # type: ignore[assignment]
         return module
 
     @property
@@ -145,8 +161,8 @@ class HPRAdapter(nn.Module):
         """Write config + weights atomically (temp files renamed into place); returns the directory."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(self.state_tensors(), tmp, metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(self.state_tensors(), tmp, metadata={"format": "pt"}))
+        atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
         return path
 
     @classmethod
@@ -170,19 +186,6 @@ class HPRAdapter(nn.Module):
         if hidden_size is not None and num_layers is not None:
             adapter.check_compatible(hidden_size, num_layers)
         return adapter.eval().requires_grad_(False)
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600; a checkpoint is read by other users (a server container, a non-root service).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -393,15 +396,17 @@ def save_seed_format(adapter: HPRAdapter, directory: str | os.PathLike[str]) -> 
     it). ``probe_results.json`` is written when the adapter has probe accuracies. The seed has no field for
     ``default_alpha`` / ``default_scope``: they are not written.
     """
+    config = adapter.config
+    if config.method != "hpr":
+        raise CheckpointError(f"the seed's format holds HPR modules only; this adapter's method is {config.method!r}")
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    config = adapter.config
     tensors: dict[str, Tensor] = {}
     for key, value in adapter.modules_by_layer.state_dict().items():
         layer, rest = key.split(".", 1)
         seed_rest = "lr_model.weight" if rest == "probe.weight" else rest.replace("angle.model.", "angle_model.model.")
         tensors[f"{layer}.{seed_rest}"] = value.detach().float().cpu().contiguous()
-    _atomic_write(path / SEED_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / SEED_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     selected: list[int] | dict[str, float] = list(config.selected_layers)
     if config.selected_layers and all(x in config.probe_accuracy for x in config.selected_layers):
         selected = {str(x): config.probe_accuracy[x] for x in config.selected_layers}
@@ -419,8 +424,8 @@ def save_seed_format(adapter: HPRAdapter, directory: str | os.PathLike[str]) -> 
         "target_layers": list(config.layers),
     }
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / SEED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / SEED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     if config.probe_accuracy:
         results = json.dumps({str(k): v for k, v in sorted(config.probe_accuracy.items())})
-        _atomic_write(path / SEED_PROBE_RESULTS_NAME, lambda tmp: Path(tmp).write_text(results))
+        atomic_write(path / SEED_PROBE_RESULTS_NAME, lambda tmp: Path(tmp).write_text(results))
     return path

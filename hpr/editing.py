@@ -3,7 +3,11 @@
 One forward hook per decoder layer is registered once (:class:`HPREditor`). Each forward pass runs under
 ``with editor.apply(plan):``; the plan says, for every batch row, which adapter, which layers, which alpha and
 which positions. Rows with nothing to edit are never touched (no gather, no arithmetic), so requests with
-different edits — or none — share one forward pass.
+different edits — or none — share one forward pass. The editor looks adapters up in an
+:class:`~hpr.registry.AdapterRegistry` (which validates and resolves edits, and knows nothing of hooks) and
+calls each layer's :class:`~hpr.edit_module.EditModule`, whatever its method. This module is the Hugging Face
+backend's part: it assumes decoder layers that output (B, T, h); a packed-token backend (vLLM) maps the same
+EditPlan onto its (tokens, h) layout instead (docs/architecture.md).
 
 What a row gets, batched among others, compared with the same request alone (docs/server.md, "Exactness"):
 
@@ -21,90 +25,21 @@ What a row gets, batched among others, compared with the same request alone (doc
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hpr.checkpoint import HPRAdapter
-from hpr.decoder_layers import find_decoder_layers, layer_output_tensor, replace_layer_output
-from hpr.errors import EditSpecError, UnknownAdapterError
-from hpr.householder import MAX_ALPHA
+from hpr.decoder_layers import find_decoder_layers, hidden_size, layer_output_tensor, replace_layer_output
+from hpr.edit_spec import EditSpec, Scope
+from hpr.edit_stats import EditStats, EditStatsCounter, empty_sums
+from hpr.registry import AdapterRegistry, parse_layers
 
-Scope = Literal["all", "generated"]
-STAT_FIELDS = ("tokens", "rotated", "angle_sum")  # per (row, layer) accumulators in EditPlan.stats
-
-
-@dataclass(frozen=True)
-class EditSpec:
-    """What one request asks for: edit ``layers`` with ``adapter`` at strength ``alpha`` over ``scope``."""
-
-    adapter: str
-    layers: tuple[int, ...]
-    alpha: float = 1.0
-    scope: Scope = "all"
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.alpha) or not 0.0 <= self.alpha <= MAX_ALPHA:
-            raise EditSpecError(f"alpha must be a finite number in [0, {MAX_ALPHA}], got {self.alpha}", "hpr.alpha")
-        if self.scope not in ("all", "generated"):
-            raise EditSpecError(f"scope must be 'all' or 'generated', got {self.scope!r}", "hpr.scope")
-
-    @property
-    def is_noop(self) -> bool:
-        return not self.layers or self.alpha == 0.0
-
-
-def parse_layers(spec: str | Sequence[int] | None, adapter: HPRAdapter) -> tuple[int, ...]:
-    """Resolve a layer spec against an adapter.
-
-    ``"selected"`` (default) → the adapter's selected layers; ``"all"`` → every trained layer; ``"none"`` → ();
-    a list of ints, or a string such as ``"10-14,20"``. Every layer must have a trained module.
-    """
-    param = "hpr.layers"
-    if spec is None or spec == "selected":
-        return tuple(adapter.config.selected_layers)
-    if spec == "all":
-        return tuple(adapter.config.layers)
-    if spec == "none":
-        return ()
-    layers: list[int] = []
-    if isinstance(spec, str):
-        for part in spec.split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
-            if m is None:
-                raise EditSpecError(
-                    f"bad layer spec {spec!r}: use 'selected', 'all', 'none', a list of ints or e.g. '10-14,20'", param
-                )
-            if m.group(3) is not None:
-                layers.append(int(m.group(3)))
-            else:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if hi < lo:
-                    raise EditSpecError(f"bad layer range {part!r}: end before start", param)
-                layers.extend(range(lo, hi + 1))
-    else:
-        for item in spec:
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise EditSpecError(f"layers must be integers, got {item!r}", param)
-            layers.append(item)
-    n = adapter.config.num_layers
-    out_of_range = sorted({x for x in layers if not 0 <= x < n})
-    if out_of_range:
-        raise EditSpecError(f"layers {out_of_range} out of range: the model has layers 0-{n - 1}", param)
-    untrained = sorted(set(layers) - set(adapter.config.layers))
-    if untrained:
-        raise EditSpecError(
-            f"layers {untrained} have no trained module in adapter {adapter.name!r} (trained: {adapter.config.layers})",
-            param,
-        )
-    return tuple(sorted(set(layers)))
+__all__ = ["EditPlan", "EditSpec", "HPREditor", "Scope", "parse_layers"]
 
 
 @dataclass
@@ -129,7 +64,8 @@ class EditPlan:
         prompt_lengths: per row, the prompt's length in tokens; scope ``generated`` edits positions
             ≥ prompt_length − 1 (the last prompt token and the generated ones). None = the whole current input is
             the prompt.
-        collect_stats: accumulate per (row, layer) tokens seen / rotated / angle sum into ``stats``.
+        collect_stats: accumulate per (row, layer) statistics (read them with :meth:`row_stats`, or move them
+            into per-request counters with :meth:`flush_stats`).
         valid: (B, T) bool, False at padding positions of a padded batch: those are never edited nor counted
             (None = every position is a real token).
     """
@@ -139,7 +75,7 @@ class EditPlan:
     prompt_lengths: Sequence[int] | None = None
     collect_stats: bool = False
     valid: Tensor | None = None
-    stats: Tensor | None = field(default=None, init=False)  # (B, num_layers, 3) float32 once compiled
+    sums: Tensor | None = field(default=None, init=False)  # (B, num_layers, len(SUMS)) float32 while collecting
     _groups: dict[int, list[_Group]] = field(default_factory=dict, init=False, repr=False)
     _compiled_for: int | None = field(default=None, init=False, repr=False)
     _layers: frozenset[int] = field(default=frozenset(), init=False, repr=False)
@@ -150,6 +86,28 @@ class EditPlan:
     @property
     def is_noop(self) -> bool:
         return all(r is None or r.is_noop for r in self.rows)
+
+    def row_stats(self, row: int) -> EditStats:
+        """Statistics of ``row`` over the forward passes run with this plan (since the last flush)."""
+        spec = self.rows[row]
+        layers = spec.layers if spec is not None and not spec.is_noop else ()
+        return EditStats.from_sums(self.sums[row] if self.sums is not None else None, layers)
+
+    def flush_stats(self, counters: Sequence[EditStatsCounter | None]) -> None:
+        """Add each row's sums into its request's counter (one per row; None = not collected), then reset them.
+
+        Stays on the device: no host sync.
+        """
+        if self.sums is None:
+            return
+        for row, counter in enumerate(counters):
+            if counter is not None:
+                counter.add(self.sums[row])
+        self.sums = None
+
+    def pending(self, row: int) -> Tensor | None:
+        """Sums of ``row`` not flushed yet (for :meth:`EditStatsCounter.result`)."""
+        return self.sums[row] if self.sums is not None else None
 
     def compile(self, seq_len: int, device: torch.device) -> None:
         """Build the per-layer groups (index tensors on ``device``) for an input of ``seq_len`` tokens.
@@ -212,26 +170,35 @@ class EditPlan:
 
 
 class HPREditor:
-    """Owns the hooks that apply HPR edits to ``model``; ``detach()`` leaves the model exactly as before."""
+    """Owns the forward hooks that apply edit plans to ``model``; ``detach()`` leaves the model exactly as before.
 
-    def __init__(self, model: nn.Module, adapters: Mapping[str, HPRAdapter] | None = None) -> None:
+    Adapters come from ``registry`` (an :class:`AdapterRegistry`, bound here to the model's shape and device) or,
+    for scripts and tests, a plain mapping of name → adapter (a private registry is made from it).
+    """
+
+    def __init__(self, model: nn.Module, adapters: AdapterRegistry | Mapping[str, HPRAdapter] | None = None) -> None:
         self.model = model
         self.blocks = find_decoder_layers(model)
         self.num_layers = len(self.blocks)
         self.device = next(model.parameters()).device
-        self.adapters: dict[str, HPRAdapter] = {}
+        if isinstance(adapters, AdapterRegistry):
+            self.registry = adapters
+            if self.registry.hidden_size is None:
+                self.registry.bind(hidden_size(model), self.num_layers, self.device)
+        else:
+            self.registry = AdapterRegistry.of(adapters or {}, hidden_size(model), self.num_layers, self.device)
         self._plan: EditPlan | None = None
         self._handles: list[Any] = []
-        for name, adapter in (adapters or {}).items():
-            self.add_adapter(name, adapter)
         for index, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_hook(self._make_hook(index)))
 
+    # Conveniences for scripts that own a private registry (the server goes through the registry itself).
+    @property
+    def adapters(self) -> dict[str, HPRAdapter]:
+        return dict(self.registry.items())
+
     def add_adapter(self, name: str, adapter: HPRAdapter) -> None:
-        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
-        if isinstance(hidden, int):
-            adapter.check_compatible(hidden, self.num_layers)
-        self.adapters[name] = adapter.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+        self.registry.add(name, adapter)
 
     def resolve(
         self,
@@ -240,30 +207,14 @@ class HPREditor:
         alpha: float | None = None,
         scope: Scope | None = None,
     ) -> EditSpec:
-        """Validate a request's edit against the loaded adapters and return the spec to put in a plan.
-
-        ``alpha=None`` takes the adapter's ``default_alpha`` and ``scope=None`` its ``default_scope`` (the
-        settings its evaluation chose).
-        """
-        if adapter not in self.adapters:
-            raise UnknownAdapterError(
-                f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters)})", "hpr.adapter"
-            )
-        chosen = self.adapters[adapter]
-        strength = chosen.config.default_alpha if alpha is None else alpha
-        where: Any = chosen.config.default_scope if scope is None else scope
-        return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=where)
+        """:meth:`AdapterRegistry.resolve` on this editor's registry."""
+        return self.registry.resolve(adapter, layers, alpha, scope)
 
     @contextmanager
     def apply(self, plan: EditPlan | None) -> Iterator[EditPlan | None]:
         """Run forward passes inside this block with ``plan`` (None = no edit at all)."""
-        if plan is not None:
-            for spec in plan.rows:
-                if spec is not None and not spec.is_noop and spec.adapter not in self.adapters:
-                    raise UnknownAdapterError(f"adapter {spec.adapter!r} is not loaded", "hpr.adapter")
-            if plan.collect_stats and plan.stats is None:
-                shape = (len(plan.rows), self.num_layers, len(STAT_FIELDS))
-                plan.stats = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        if plan is not None and plan.collect_stats and plan.sums is None:
+            plan.sums = empty_sums(len(plan.rows), self.num_layers, self.device)
         previous, self._plan = self._plan, plan
         try:
             yield plan
@@ -286,15 +237,16 @@ class HPREditor:
             if not groups:
                 return None
             for group in groups:
-                module = self.adapters[group.adapter].layer(layer)
+                module = self.registry.get(group.adapter).edit_module(layer)
                 x = hidden if group.all_rows else hidden.index_select(0, group.rows)  # (n, T, h)
                 mask = group.mask
                 result = module.edit(x, group.alpha, mask)
                 hidden = result.output if group.all_rows else hidden.index_copy(0, group.rows, result.output)
-                if plan.stats is not None:
+                if plan.sums is not None:
                     seen = mask.sum(-1).float() if mask is not None else torch.full_like(group.alpha[:, 0], x.shape[1])
-                    upd = torch.stack([seen, result.rotated.sum(-1).float(), result.theta.sum(-1)], dim=-1)  # (n, 3)
-                    plan.stats[group.rows, layer] += upd
+                    changed = result.changed.sum(-1).float()  # (n,)
+                    upd = torch.stack([seen, changed, result.amount.sum(-1)], dim=-1)  # (n, len(SUMS))
+                    plan.sums[group.rows, layer] += upd
             return replace_layer_output(output, hidden)
 
         return hook

@@ -28,3 +28,7 @@ class EditSpecError(HPRError, ValueError):
 
 class UnknownAdapterError(EditSpecError):
     """The requested adapter id is not loaded."""
+
+
+class AdapterConflictError(HPRError):
+    """An adapter is already loaded (or still unloading) under the name asked for."""

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from hpr.edit_module import EditResult
+
 MAX_ALPHA = 4.0  # largest accepted edit strength (θ = α·π·σ(·) may then go round up to twice)
 
 # Below this, γ is treated as 0 or π and the token is left alone: the rotation plane is undefined there.
@@ -155,8 +157,16 @@ class HPRLayer(nn.Module):
         """(..., h) → (probe logits (...), angle (...)), as used in training."""
         return self.probe_logits(x), self.angle(x)
 
-    def edit(self, x: Tensor, alpha: Tensor | float = 1.0, edit_mask: Tensor | None = None) -> RotationResult:
-        """Apply the pseudo-rotation to activations ``x`` (..., h) with strength ``alpha`` (scalar or (...))."""
+    def edit(self, x: Tensor, alpha: Tensor | float = 1.0, edit_mask: Tensor | None = None) -> EditResult:
+        """Apply the pseudo-rotation to activations ``x`` (..., h) with strength ``alpha`` (scalar or (...)).
+
+        The :class:`~hpr.edit_module.EditModule` contract: ``changed`` = rotated, ``amount`` = θ.
+        """
+        result = self.rotate(x, alpha, edit_mask)
+        return EditResult(output=result.output, changed=result.rotated, amount=result.theta)
+
+    def rotate(self, x: Tensor, alpha: Tensor | float = 1.0, edit_mask: Tensor | None = None) -> RotationResult:
+        """:meth:`edit` with HPR's own names (``rotated``, ``theta``)."""
         w = self.probe.weight[0]
         x32 = x.float()
         margin = probe_margin(x32, w)  # (...) float64

@@ -128,24 +128,26 @@ def install_openapi(app: FastAPI) -> None:
     cache: dict[str, Any] = {}
 
     def openapi() -> dict[str, Any]:
-        if "schema" in cache:
+        runtime = getattr(app.state, "runtime", None)
+        # The edit rule names the adapters: a schema cached before an adapter was loaded or unloaded is stale.
+        adapters = sorted(runtime.registry.names()) if runtime is not None else []
+        if cache.get("adapters") == adapters and "schema" in cache:
             return dict(cache["schema"])
         base = get_openapi(
             title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
         )
-        runtime = getattr(app.state, "runtime", None)
         bounds: dict[str, int] = {}
         if runtime is not None:
-            bounds = {"vocab": runtime.vocab_size, "layers": runtime.loaded.num_layers}
+            bounds = {"vocab": runtime.vocab_size, "layers": runtime.info.num_layers}
         schema = copy.deepcopy(base)
         _apply_bounds(schema, bounds)
         if runtime is not None:
             components = schema.get("components", {}).get("schemas", {})
             for name in ("ChatCompletionRequest", "CompletionRequest"):
                 if name in components and "HPRRequest" in components:
-                    _with_edit_rule(components, name, runtime.base_id, sorted(runtime.adapters))
+                    _with_edit_rule(components, name, runtime.base_id, adapters)
             _add_stream_events(schema)
-            cache["schema"] = schema
+            cache.update(schema=schema, adapters=adapters)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,8 +1,13 @@
-"""What the server holds while it runs (model, adapters, editor, engine) and the lifespan that builds it.
+"""What the server holds while it runs (adapter registry, engine, admission) and the lifespan that builds it.
 
 Loading happens in a background task started by the FastAPI ``lifespan``, so the port is open at once and
 ``/health`` answers 503 ("loading") until the engine runs, then 200. A load failure is logged, reported by
 ``/health`` and handed to ``app.state.on_load_failure`` (the CLI uses it to exit with status 1).
+
+The backend seam: an :data:`EngineFactory` gets the settings and the :class:`~hpr.registry.AdapterRegistry`, loads
+its own model, binds the registry to the model's shape, and returns an :class:`EngineLike` that publishes a
+:class:`~server.engine.types.ModelInfo`. The HTTP layer knows the model only through that ``info`` and the
+adapters only through the registry (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -10,20 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from fastapi import FastAPI, Request
 
 from hpr.checkpoint import HPRAdapter
-from hpr.editing import HPREditor
-from hpr.model import LoadedModel, load_model
-from server.engine.types import EngineObserver, GenerationOutput, GenerationRequest
+from hpr.errors import AdapterConflictError, HPRError
+from hpr.model import load_model
+from hpr.registry import AdapterRegistry
+from server.engine.types import EngineObserver, GenerationOutput, GenerationRequest, ModelInfo
 from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.serving.admission import Admission
@@ -33,9 +39,10 @@ log = logging.getLogger(__name__)
 
 
 class EngineLike(Protocol):
-    """The part of ``server.engine.engine.Engine`` the HTTP layer uses (tests substitute a fake)."""
+    """What the HTTP layer needs from a backend (``server.engine.engine.Engine``; tests substitute a fake)."""
 
     observer: EngineObserver | None
+    info: ModelInfo
 
     def start(self) -> None: ...
     async def stop(self, drain_timeout: float = 30.0) -> None: ...
@@ -46,15 +53,20 @@ class EngineLike(Protocol):
     def running(self) -> int: ...
 
 
-EngineFactory = Callable[[LoadedModel, HPREditor, ServerSettings], EngineLike]
+# A backend: load the model named by the settings, bind the registry to it (AdapterRegistry.bind), return the engine.
+EngineFactory = Callable[[ServerSettings, AdapterRegistry], EngineLike]
 
 
-def default_engine_factory(loaded: LoadedModel, editor: HPREditor, settings: ServerSettings) -> EngineLike:
+def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> EngineLike:
+    """The in-process Hugging Face backend: transformers model, forward hooks, continuous batching."""
     from server.engine.engine import Engine
 
+    if settings.num_threads is not None:
+        torch.set_num_threads(settings.num_threads)
+    loaded = load_model(settings.model, settings.device, settings.dtype, model_id=settings.served_model_name)
     engine: EngineLike = Engine(
         loaded,
-        editor,
+        registry,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
@@ -66,65 +78,83 @@ def default_engine_factory(loaded: LoadedModel, editor: HPREditor, settings: Ser
 class Runtime:
     """Everything a request handler needs, built once at startup."""
 
-    loaded: LoadedModel
-    editor: HPREditor
     engine: EngineLike
-    adapter_sources: dict[str, Path]
-    max_model_len: int
+    registry: AdapterRegistry
     admission: Admission  # generations held by requests in flight: checked before any tokenizing
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    @property
     def base_id(self) -> str:
-        return self.loaded.model_id
+        return self.info.model_id
 
     @property
     def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
-
-    @property
-    def adapters(self) -> dict[str, HPRAdapter]:
-        return self.editor.adapters
+        return self.info.tokenizer
 
     @property
     def vocab_size(self) -> int:
-        config = getattr(self.loaded.model, "config", None)
-        size = getattr(config, "vocab_size", None)
-        return int(size) if isinstance(size, int) else len(self.tokenizer)
+        return self.info.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> HPRAdapter:
+        """Load, validate and route the adapter at ``path`` as ``name`` (blocking: at startup, or in a thread).
+
+        Raises :class:`~hpr.errors.CheckpointError` (bad checkpoint) or :class:`AdapterConflictError` (name taken,
+        by an adapter or by the base model); the registry is unchanged then.
+        """
+        if name == self.base_id:
+            raise AdapterConflictError(f"an adapter cannot take the base model's id {name!r}")
+        started = time.perf_counter()
+        adapter = self.registry.load(name, path)
+        log.info(
+            "adapter %s loaded (%s, %d layers) in %.2f s; adapters: %s",
+            name, adapter.config.method, len(adapter.config.layers), time.perf_counter() - started,
+            self.registry.names(),
+        )  # fmt: skip
+        return adapter
+
+    def unload_adapter(self, name: str) -> int:
+        """Stop routing ``name``; it is dropped once its running requests finish. Returns how many still run."""
+        if self.registry.unload(name):
+            log.info("adapter %s unloaded; adapters: %s", name, self.registry.names())
+            return 0
+        running = self.registry.running(name)
+        log.info("adapter %s unloading after its %d running request(s); adapters: %s", name, running,
+                 self.registry.names())  # fmt: skip
+        return running
 
 
 def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Runtime:
-    """Load the base model and every ``--adapter`` (blocking; run it in a thread). Raises on any problem."""
+    """Load the base model (through the factory) and every ``--adapter`` (blocking; run it in a thread)."""
     started = time.monotonic()
-    if settings.num_threads is not None:
-        torch.set_num_threads(settings.num_threads)
-    loaded = load_model(settings.model, settings.device, settings.dtype, model_id=settings.served_model_name)
-    sources = settings.adapter_paths()
-    if loaded.model_id in sources:
-        raise ValueError(f"--adapter {loaded.model_id}=...: an adapter cannot take the base model's id")
-    adapters = {
-        name: HPRAdapter.load(path, name, loaded.hidden_size, loaded.num_layers) for name, path in sources.items()
-    }
-    editor = HPREditor(loaded.model, adapters)
-    engine = engine_factory(loaded, editor, settings)
-    max_len = min(settings.max_model_len or loaded.max_context, loaded.max_context)
-    if settings.max_model_len is not None and settings.max_model_len > loaded.max_context:
-        log.warning("--max-model-len %d exceeds the model's context %d: using %d", settings.max_model_len,
-                    loaded.max_context, max_len)  # fmt: skip
-    log.info(
-        "loaded %s (%d layers, hidden %d, %s on %s) and %d adapter(s) %s in %.1f s",
-        loaded.model_id, loaded.num_layers, loaded.hidden_size, loaded.dtype, loaded.device, len(adapters),
-        sorted(adapters), time.monotonic() - started,
-    )  # fmt: skip
-    admission = Admission(settings.max_batch_size, settings.max_queue)
-    return Runtime(
-        loaded=loaded,
-        editor=editor,
-        engine=engine,
-        adapter_sources=sources,
-        max_model_len=max_len,
-        admission=admission,
+    registry = AdapterRegistry()
+    engine = engine_factory(settings, registry)
+    if registry.hidden_size is None:
+        raise HPRError("the engine factory did not bind the adapter registry to its model (AdapterRegistry.bind)")
+    runtime = Runtime(
+        engine=engine, registry=registry, admission=Admission(settings.max_batch_size, settings.max_queue)
     )
+    try:
+        for name, path in settings.adapter_paths().items():
+            runtime.load_adapter(name, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            asyncio.run(engine.stop(drain_timeout=0))  # never started: releases its hooks
+        raise
+    info = engine.info
+    log.info(
+        "loaded %s (%d layers, hidden %d, context %d) and %d adapter(s) %s in %.1f s",
+        info.model_id, info.num_layers, info.hidden_size, info.max_model_len, len(registry.names()),
+        registry.names(), time.monotonic() - started,
+    )  # fmt: skip
+    return runtime
 
 
 async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
@@ -163,7 +193,6 @@ def make_lifespan(engine_factory: EngineFactory) -> Callable[[FastAPI], Any]:
             runtime: Runtime | None = app.state.runtime
             if runtime is not None:
                 await runtime.engine.stop(drain_timeout=app.state.settings.drain_timeout)
-                runtime.editor.detach()
                 log.info("engine stopped")
 
     return lifespan

@@ -55,6 +55,28 @@ def make_random_adapter(
     return adapter.eval().requires_grad_(False)
 
 
+def make_steering_adapter(
+    hidden: int = 64, layers: int = 4, seed: int = 0, trained: list[int] | None = None
+) -> HPRAdapter:
+    """A random additive steering-vector adapter (method ``steer``) for the tiny llama."""
+    torch.manual_seed(seed)
+    trained = trained if trained is not None else list(range(layers))
+    config = HPRConfig(
+        base_model="tiny-llama",
+        hidden_size=hidden,
+        num_layers=layers,
+        layers=trained,
+        selected_layers=trained[:2],
+        probe_accuracy={layer: 0.6 for layer in trained},
+        method="steer",
+    )
+    adapter = HPRAdapter(config, name="steer")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.5)
+    return adapter.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():  # type: ignore[no-untyped-def]
     return make_tiny_llama()

@@ -19,11 +19,9 @@ is never read and is overwritten on resume.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hpr.atomic_write import atomic_write as write_file_atomically
 from trainer.errors import StoreError
 
 MANIFEST = "manifest.json"
@@ -53,15 +52,6 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _disk_error(target: Path, exc: OSError) -> StoreError:
     if exc.errno == errno.ENOSPC:
         return StoreError(
@@ -72,22 +62,12 @@ def _disk_error(target: Path, exc: OSError) -> StoreError:
 
 
 def atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write ``target`` through ``write(tmp_path)`` + fsync + rename; on any failure leave no file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    """:func:`hpr.atomic_write.atomic_write`, with disk errors (a full disk above all) as a :class:`StoreError`
+    that says what to do."""
     try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the output from other users (e.g. a container's)
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        write_file_atomically(target, write)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise _disk_error(target, exc) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

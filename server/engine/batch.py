@@ -1,4 +1,7 @@
-"""The running batch (TGI's shape): requests, a left-padded KV cache, sampling state; ``filter`` and ``concatenate``.
+"""The running batch (TGI's shape): rows, a left-padded KV cache, sampling state; ``filter`` and ``concatenate``.
+
+It holds rows and caches only: the edit plan of a step is the runner's, and each request's edit statistics are
+its own :class:`~hpr.edit_stats.EditStatsCounter`.
 
 Row ``i`` of a batch of cache length ``L`` has ``pad[i]`` padding columns on the left, so its next token sits at
 absolute position ``L - pad[i]`` and may attend to columns ``≥ pad[i]``. Both stay valid across decode steps
@@ -16,7 +19,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from hpr.edit_stats import EditStats, EditStatsCounter
 from hpr.editing import EditPlan, EditSpec
+from hpr.registry import AdapterRegistry
 from server.engine.kv_cache import GROWTH_CHUNK, BatchKVCache
 from server.engine.sampling import SamplingState
 from server.engine.types import FinishReason, GenerationRequest
@@ -30,7 +35,7 @@ class EngineEvent:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # (token, logprob, top alternatives)
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]] | None] | None = None
     finish_reason: FinishReason | None = None
-    edit_stats: dict[int, tuple[int, int, float]] | None = None  # layer -> (tokens, rotated, angle sum)
+    edit_stats: EditStats | None = None
     error: BaseException | None = None
 
 
@@ -47,7 +52,8 @@ class RequestState:
     arrival: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
     last_token_time: float | None = None
-    stats: Tensor | None = None  # (num_layers, 3) float32 accumulated over forwards, when return_stats
+    stats: EditStatsCounter | None = None  # when return_stats and the request edits
+    lease: AdapterRegistry | None = None  # holds the request's adapter loaded until finish()
     cancelled: bool = False
     done: bool = False  # the engine sent the last event (or failed the request)
     completion_tokens_seen: int | None = None  # set by the consumer when it stops early on a stop string
@@ -60,8 +66,19 @@ class RequestState:
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
 
-    def add_stats(self, stats: Tensor) -> None:
-        self.stats = stats.clone() if self.stats is None else self.stats + stats
+    def finish(self) -> None:
+        """The request will run no more: mark it done and let its adapter go (an unload may be waiting)."""
+        self.done = True
+        registry, self.lease = self.lease, None
+        if registry is not None and self.request.edit is not None:
+            registry.release(self.request.edit.adapter)
+
+    def edit_stats(self) -> EditStats | None:
+        """The statistics to report with the last event: an empty record for a request that asked but edits
+        nothing, None for one that did not ask."""
+        if not self.request.return_stats:
+            return None
+        return self.stats.result() if self.stats is not None else EditStats(layers={})
 
 
 def decode_spec(spec: EditSpec | None) -> EditSpec | None:
@@ -80,10 +97,7 @@ class Batch:
     pad: Tensor  # (B,) long: left padding columns per row
     next_tokens: Tensor  # (B,) long
     sampling: SamplingState
-    _plan: EditPlan | None = field(default=None, init=False, repr=False)
     _padded: bool | None = field(default=None, init=False, repr=False)
-    _edited_rows: dict[int, int] | None = field(default=None, init=False, repr=False)
-    _plan_built: bool = field(default=False, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -108,52 +122,11 @@ class Batch:
         columns = torch.arange(self.length + 1, device=self.pad.device)  # (L + 1,)
         return (columns[None, :] >= self.pad[:, None])[:, None, None, :]
 
-    def decode_plan(self) -> EditPlan | None:
-        """The per-row edit plan of a decode step, built once per batch composition and reused every step.
-
-        Stats accumulate in ``plan.stats`` across steps and move to each request on :meth:`flush_stats`.
-        """
-        if not self._plan_built:
-            specs = [decode_spec(r.request.edit) for r in self.requests]
-            collect = any(r.request.return_stats for r in self.requests)
-            self._plan = None if all(s is None for s in specs) else EditPlan(rows=specs, collect_stats=collect)
-            self._plan_built = True
-        return self._plan
-
-    def edited_rows_per_layer(self) -> dict[int, int]:
-        """Layer -> number of rows a decode step edits there (for the ``on_edit`` metric); cached per batch."""
-        if self._edited_rows is None:
-            counts: dict[int, int] = {}
-            for state in self.requests:
-                spec = decode_spec(state.request.edit)
-                for layer in spec.layers if spec is not None else ():
-                    counts[layer] = counts.get(layer, 0) + 1
-            self._edited_rows = counts
-        return self._edited_rows
-
-    def row_stats(self, row: int) -> Tensor | None:
-        """(num_layers, 3) stats of ``row`` so far, including the steps since the last flush."""
-        state = self.requests[row]
-        pending = self._plan.stats[row] if self._plan is not None and self._plan.stats is not None else None
-        if pending is None:
-            return state.stats
-        return pending if state.stats is None else state.stats + pending
-
-    def flush_stats(self) -> None:
-        plan = self._plan
-        if plan is not None and plan.stats is not None:
-            for row, state in enumerate(self.requests):
-                if state.request.return_stats:
-                    state.add_stats(plan.stats[row])
-            plan.stats = None
-        self._plan, self._plan_built = None, False
-
     def filter(self, keep: Sequence[int]) -> Batch | None:
         """A batch of rows ``keep`` (indices, in order); None when no row is left. Drops padding nobody needs.
 
         ``self`` stays usable (its cache is copied, not mutated), so a step can be retried on a sub-batch.
         """
-        self.flush_stats()
         if not keep:
             return None
         if list(keep) == list(range(len(self.requests))):
@@ -175,8 +148,6 @@ class Batch:
         """One batch with the rows of ``batches`` in order; each is left-padded to the longest cache."""
         if len(batches) == 1:
             return batches[0]
-        for batch in batches:
-            batch.flush_stats()
         length = max(b.length for b in batches)
         cache = BatchKVCache.concatenate([b.cache for b in batches], spare=GROWTH_CHUNK)
         return cls(
@@ -185,6 +156,33 @@ class Batch:
             pad=torch.cat([b.pad + (length - b.length) for b in batches]),
             next_tokens=torch.cat([b.next_tokens for b in batches]),
             sampling=SamplingState.concatenate([b.sampling for b in batches]),
+        )
+
+
+@dataclass
+class DecodePlan:
+    """The edit plan of a decode step for one batch composition (rows in order), and per layer how many rows it
+    edits (the ``on_edit`` metric). Built once per composition, reused every step."""
+
+    rows: tuple[RequestState, ...]
+    plan: EditPlan | None
+    edited_rows: dict[int, int]
+
+    @classmethod
+    def build(cls, requests: Sequence[RequestState]) -> DecodePlan:
+        specs = [decode_spec(r.request.edit) for r in requests]
+        counts: dict[int, int] = {}
+        for spec in specs:
+            for layer in spec.layers if spec is not None else ():
+                counts[layer] = counts.get(layer, 0) + 1
+        collect = any(r.stats is not None for r in requests)
+        plan = None if all(s is None for s in specs) else EditPlan(rows=specs, collect_stats=collect)
+        return cls(rows=tuple(requests), plan=plan, edited_rows=counts)
+
+    def fits(self, batch: Batch) -> bool:
+        """Whether ``batch`` has exactly these rows, in this order (RequestState compares by identity)."""
+        return len(self.rows) == len(batch.requests) and all(
+            a is b for a, b in zip(self.rows, batch.requests, strict=True)
         )
 
 
@@ -231,6 +229,6 @@ class PrefillInputs:
             rows=specs,
             positions=torch.where(self.valid, self.position_ids, torch.full_like(self.position_ids, -1)),
             prompt_lengths=[r.prompt_len for r in requests],
-            collect_stats=any(r.request.return_stats for r in requests),
+            collect_stats=any(r.stats is not None for r in requests),
             valid=self.valid,
         )

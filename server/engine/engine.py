@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 
+from hpr.edit_stats import EditStatsCounter
 from hpr.editing import HPREditor
-from hpr.errors import UnknownAdapterError
 from hpr.model import LoadedModel
+from hpr.registry import AdapterRegistry
 from server.engine.batch import Batch, EngineEvent, RequestState
 from server.engine.output import OutputBuilder
-from server.engine.runner import ModelRunner, StepOutcome, stats_dict
+from server.engine.runner import ModelRunner, StepOutcome
 from server.engine.sampling import new_generator
 from server.engine.types import (
     EngineObserver,
@@ -45,6 +46,7 @@ from server.engine.types import (
     GenerationOutput,
     GenerationRequest,
     InvalidRequestError,
+    ModelInfo,
     PromptTooLongError,
     QueueFullError,
 )
@@ -53,7 +55,11 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Continuous-batching generation over ``loaded.model`` with per-row HPR edits through ``editor``.
+    """Continuous-batching generation over ``loaded.model`` (in-process Hugging Face transformers) with per-row
+    edits by the adapters of ``registry`` (bound here to the model; the engine installs its own hooks).
+
+    Publishes :attr:`info` (:class:`ModelInfo`). A request holds a lease on its adapter from admission to its
+    end, so an adapter unloaded meanwhile stays until the request is done.
 
     Args:
         max_batch_size: rows decoded together at most.
@@ -70,7 +76,7 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
-        editor: HPREditor,
+        registry: AdapterRegistry,
         *,
         max_batch_size: int = 32,
         max_queue: int = 256,
@@ -82,21 +88,22 @@ class Engine:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
         self.loaded = loaded
-        self.editor = editor
+        self.info = ModelInfo.from_loaded(loaded, max_model_len)
+        self.registry = registry
+        self.editor = HPREditor(loaded.model, registry)  # binds the registry to the model's shape and device
         self.tokenizer = loaded.tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.max_model_len = min(max_model_len or loaded.max_context, loaded.max_context)
+        self.max_model_len = self.info.max_model_len
         self.max_prefill_tokens = max_prefill_tokens
         self.gather_window = gather_window
         self.observer = observer
-        config = getattr(loaded.model, "config", None)
-        self.vocab_size = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
+        self.vocab_size = self.info.vocab_size
         self.eos_ids = _eos_ids(loaded)
         pad_id = self.tokenizer.pad_token_id
         self.runner = ModelRunner(
             loaded.model,
-            editor,
+            self.editor,
             pad_id=int(pad_id) if pad_id is not None else 0,
             vocab_size=self.vocab_size,
             on_edit=self._on_edit,
@@ -137,8 +144,10 @@ class Engine:
             self._waiting.clear()
             self._lock.notify_all()
         for state in refused:
+            state.finish()
             self._deliver([(state, EngineEvent(error=EngineStoppedError("the server is shutting down")))])
         if self._thread is None:
+            self.editor.detach()
             return
         drained = await asyncio.to_thread(self._exited.wait, drain_timeout)
         if not drained:
@@ -147,6 +156,7 @@ class Engine:
                 self._lock.notify_all()
             await asyncio.to_thread(self._exited.wait)
         await asyncio.to_thread(self._thread.join)
+        self.editor.detach()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream the outputs of ``request``. Validation and queueing happen on the first ``__anext__``.
@@ -176,7 +186,7 @@ class Engine:
                 with self._lock:
                     if state in self._waiting:  # never started: free its queue place now
                         self._waiting.remove(state)
-                        state.done = True
+                        state.finish()
                     self._lock.notify_all()
 
     def token_text(self, token_id: int) -> str:
@@ -207,12 +217,9 @@ class Engine:
                 f"(prompt + at least one generated token)",
                 "prompt",
             )
-        edit = request.edit
-        if edit is not None and not edit.is_noop:
-            if edit.adapter not in self.editor.adapters:
-                raise UnknownAdapterError(f"adapter {edit.adapter!r} is not loaded", "hpr.adapter")
-            if any(not 0 <= layer < self.editor.num_layers for layer in edit.layers):
-                raise InvalidRequestError(f"layers {list(edit.layers)} out of range", "hpr.layers")
+        edit = request.edit if request.edit is not None and not request.edit.is_noop else None
+        if edit is not None and any(not 0 <= layer < self.info.num_layers for layer in edit.layers):
+            raise InvalidRequestError(f"layers {list(edit.layers)} out of range", "hpr.layers")
         stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self.eos_ids)
         state = RequestState(
             request=request,
@@ -221,6 +228,7 @@ class Engine:
             generator=new_generator(sampling.seed),
             stop_ids=stop_ids,
             max_new_tokens=min(sampling.max_tokens, room),
+            stats=EditStatsCounter(edit.layers) if edit is not None and request.return_stats else None,
         )
         with self._lock:
             if self._stopping:
@@ -230,6 +238,9 @@ class Engine:
                 raise QueueFullError(
                     f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0
                 )
+            if edit is not None:  # the one check that the adapter exists: UnknownAdapterError if it is gone
+                self.registry.acquire(edit.adapter)
+                state.lease = self.registry
             self._waiting.append(state)
             self._lock.notify_all()
         return state
@@ -283,7 +294,7 @@ class Engine:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
-                head.done = True
+                head.finish()
                 continue
             longest_if = max(longest, head.prompt_len)
             if taken and longest_if * (len(taken) + 1) > self.max_prefill_tokens:
@@ -307,7 +318,7 @@ class Engine:
                 self._safe(self.observer.on_step, batch_size)
             self._observe_tokens(outcome)
         for state in outcome.finished:
-            state.done = True
+            state.finish()
             self._active.discard(state)
             if self.observer is not None:
                 self._safe(self.observer.on_finish, state.request_id, state.prompt_len, len(state.generated))
@@ -319,15 +330,14 @@ class Engine:
             return batch
         keep = [i for i, s in enumerate(batch.requests) if not s.cancelled]
         events: list[tuple[RequestState, EngineEvent]] = []
-        for row, state in enumerate(batch.requests):
+        for state in batch.requests:
             if not state.cancelled:
                 continue
-            state.done = True
+            state.finish()
             self._active.discard(state)
             completion = state.completion_tokens_seen
             if completion is not None:  # stopped by a stop string: the consumer waits for this last event
-                stats = stats_dict(batch.row_stats(row), state) if state.request.return_stats else None
-                events.append((state, EngineEvent(finish_reason="stop", edit_stats=stats)))
+                events.append((state, EngineEvent(finish_reason="stop", edit_stats=state.edit_stats())))
             if self.observer is not None:
                 n = completion if completion is not None else len(state.generated)
                 self._safe(self.observer.on_finish, state.request_id, state.prompt_len, n)
@@ -355,10 +365,11 @@ class Engine:
         with self._lock:
             pending = list(self._waiting)
             self._waiting.clear()
-        states = pending + (list(batch.requests) if batch is not None else [])
+        running = list(batch.requests) if batch is not None else []
+        states = pending + running + [s for s in self._active if s not in running]  # e.g. mid-prefill
         events = [(s, EngineEvent(error=error)) for s in states if not s.done]
         for state, _ in events:
-            state.done = True
+            state.finish()
         self._active.clear()
         self._deliver(events)
 

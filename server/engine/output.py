@@ -1,7 +1,7 @@
 """Consumer-side assembly of :class:`GenerationOutput` events from the engine thread's raw events.
 
-Runs in the request's event loop: incremental detokenization, stop strings, logprob token texts and stats
-formatting all happen here, concurrently with the engine thread's next forward pass.
+Runs in the request's event loop: incremental detokenization, stop strings and logprob token texts all happen
+here, concurrently with the engine thread's next forward pass. Edit statistics pass through as they are.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hpr.edit_stats import EditStats
 from server.engine.batch import EngineEvent, RequestState
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from server.engine.types import FinishReason, GenerationOutput, LayerEditStats, TokenLogprob
+from server.engine.types import FinishReason, GenerationOutput, TokenLogprob
 
 
 class OutputBuilder:
@@ -47,7 +48,7 @@ class OutputBuilder:
         logprobs: list[TokenLogprob] = []
         prompt_logprobs: list[TokenLogprob | None] | None = None
         finish: FinishReason | None = None
-        stats: dict[int, LayerEditStats] | None = None
+        stats: EditStats | None = None
         for event in events:
             if event.error is not None:
                 self.finished = True
@@ -67,11 +68,7 @@ class OutputBuilder:
                     self.stop_hit = True
             if event.finish_reason is not None:
                 finish = "stop" if self.stop_hit else event.finish_reason
-                if event.edit_stats is not None:
-                    stats = {
-                        layer: LayerEditStats(tokens=n, rotated=r, mean_angle=angle / r if r else 0.0)
-                        for layer, (n, r, angle) in event.edit_stats.items()
-                    }
+                stats = event.edit_stats
                 break
         if finish is not None and not self.stop_hit:
             emitted, stopped = self.stopper.feed(self.detokenizer.flush())

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editing import EditPlan, HPREditor
-from server.engine.batch import Batch, EngineEvent, PrefillInputs, RequestState
+from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState
 from server.engine.kv_cache import BatchKVCache
 from server.engine.sampling import SamplingState, process_logits, sample
 from server.engine.types import FinishReason
@@ -66,6 +66,7 @@ class ModelRunner:
             raise ValueError(f"the engine needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
         self._additive_mask = impl == "eager"
         self._dtype = next(model.parameters()).dtype
+        self._decode_plan: DecodePlan | None = None  # the last decode step's, reused while the rows stay the same
 
     # ---- forward passes -------------------------------------------------------------------------------------
     def _mask(self, mask: Tensor | None) -> Tensor | None:
@@ -125,6 +126,7 @@ class ModelRunner:
             if handle is not None:
                 handle.remove()
         if plan is not None:
+            plan.flush_stats([s.stats for s in states])
             self._report_prefill_edits(states, plan)
         sampling = SamplingState.build(
             [s.request.sampling for s in states],
@@ -134,10 +136,6 @@ class ModelRunner:
             self.device,
         )
         batch = Batch(requests=list(states), cache=cache, pad=inputs.pad, next_tokens=inputs.pad, sampling=sampling)
-        if plan is not None and plan.stats is not None:
-            for row, state in enumerate(states):
-                if state.request.return_stats:
-                    state.add_stats(plan.stats[row])
         prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]] | None]] = {}
         for row, state in enumerate(states):
             if want_prompt_logprobs[row]:
@@ -199,8 +197,16 @@ class ModelRunner:
             return self._decode_isolating(batch, exc)
         return self._finish_step(batch, logits, {}, skip_rows=None)
 
-    def _decode_forward(self, batch: Batch) -> Tensor:
-        plan = batch.decode_plan()
+    def decode_plan(self, batch: Batch) -> DecodePlan:
+        """The edit plan of ``batch``'s decode steps, rebuilt only when its rows change."""
+        if self._decode_plan is None or not self._decode_plan.fits(batch):
+            self._decode_plan = DecodePlan.build(batch.requests)
+        return self._decode_plan
+
+    def _decode_forward(self, batch: Batch, keep_stats: bool = True) -> Tensor:
+        """The decode forward of ``batch``; ``keep_stats=False`` for a trial run whose statistics must not count."""
+        decode = self.decode_plan(batch)
+        plan = decode.plan
         length = batch.length
         try:
             logits = self._forward(
@@ -209,10 +215,17 @@ class ModelRunner:
         except Exception:
             for cache_layer in batch.cache.growable_layers:  # undo a partial append: the step never happened
                 cache_layer.length = length
+            if plan is not None:
+                plan.sums = None  # nor did its statistics
             raise
-        if self.on_edit is not None and plan is not None:
-            for layer, rows in batch.edited_rows_per_layer().items():
-                self.on_edit(layer, rows)
+        if plan is not None:
+            if keep_stats:
+                plan.flush_stats([s.stats for s in batch.requests])  # on the device: no sync
+            else:
+                plan.sums = None
+            if self.on_edit is not None:
+                for layer, rows in decode.edited_rows.items():
+                    self.on_edit(layer, rows)
         return logits
 
     def _decode_isolating(self, batch: Batch, error: Exception) -> StepOutcome:
@@ -223,7 +236,7 @@ class ModelRunner:
             single = batch.filter([row])
             assert single is not None
             try:
-                self._decode_forward(single)
+                self._decode_forward(single, keep_stats=False)  # the row decodes for real with the rest below
                 good.append(row)
             except Exception as exc:
                 log.exception("decode failed for request %s", state.request_id)
@@ -355,22 +368,8 @@ class ModelRunner:
                 finish = "length"
         if finish is not None:
             event.finish_reason = finish
-            if state.request.return_stats:
-                event.edit_stats = stats_dict(batch.row_stats(row), state)
+            event.edit_stats = state.edit_stats()
         return event
-
-
-def stats_dict(stats: Tensor | None, state: RequestState) -> dict[int, tuple[int, int, float]]:
-    """(num_layers, 3) accumulators → {layer: (tokens, rotated, angle sum)} for the request's edited layers."""
-    spec = state.request.edit
-    if spec is None or spec.is_noop:
-        return {}
-    values = stats.tolist() if stats is not None else None
-    out: dict[int, tuple[int, int, float]] = {}
-    for layer in spec.layers:
-        tokens, rotated, angle = values[layer] if values is not None else (0.0, 0.0, 0.0)
-        out[layer] = (round(tokens), round(rotated), float(angle))
-    return out
 
 
 def _capture_last_hidden(store: dict[str, Tensor]) -> Callable[[nn.Module, Any, Any], None]:

@@ -1,20 +1,58 @@
 """The engine ↔ HTTP contract: pure dataclasses and exception types (no FastAPI, no torch tensors).
 
-The HTTP layer tokenizes (chat template included), builds one :class:`GenerationRequest` per choice (``n > 1`` is
-n requests; with a seed, choice i uses seed + i), and consumes the :class:`GenerationOutput` events that
-``Engine.generate`` yields. Errors are :class:`EngineError` subclasses; the HTTP layer maps them to statuses.
+An engine publishes one :class:`ModelInfo` (what the HTTP layer may know about the model). The HTTP layer
+tokenizes (chat template included), builds one :class:`GenerationRequest` per choice (``n > 1`` is n requests;
+with a seed, choice i uses seed + i), and consumes the :class:`GenerationOutput` events that ``generate`` yields.
+Errors are :class:`EngineError` subclasses; the HTTP layer maps them to statuses. Edit statistics are
+:class:`hpr.edit_stats.EditStats`, made in ``hpr`` and passed through as they are.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from hpr.editing import EditSpec
+from hpr.edit_spec import EditSpec
+from hpr.edit_stats import EditStats
+from hpr.model import LoadedModel
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts about the served model that the HTTP layer uses, decided once, by the engine that loaded it."""
+
+    model_id: str  # the base model's id in the API
+    source: str  # what it was loaded from: a hub id or a directory
+    max_model_len: int  # prompt + generated tokens: the smaller of the requested length and the model's own
+    vocab_size: int  # token ids are in [0, vocab_size)
+    num_layers: int  # decoder layers (what `hpr.layers` may name)
+    hidden_size: int
+    tokenizer: Any  # a Hugging Face tokenizer with the chat template
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, max_model_len: int | None = None) -> ModelInfo:
+        """``max_model_len`` (None: the model's context) is capped at the model's context, with a warning."""
+        context = loaded.max_context
+        if max_model_len is not None and max_model_len > context:
+            log.warning("--max-model-len %d exceeds the model's context %d: using %d", max_model_len, context, context)
+        config = getattr(loaded.model, "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        return cls(
+            model_id=loaded.model_id,
+            source=loaded.source,
+            max_model_len=min(max_model_len or context, context),
+            vocab_size=int(vocab) if isinstance(vocab, int) and vocab > 0 else len(loaded.tokenizer),
+            num_layers=loaded.num_layers,
+            hidden_size=loaded.hidden_size,
+            tokenizer=loaded.tokenizer,
+        )
 
 
 class EngineError(Exception):
@@ -118,7 +156,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    edit: EditSpec | None = None  # validated by HPREditor.resolve(...); None = the base model
+    edit: EditSpec | None = None  # from AdapterRegistry.resolve(...); None = the base model
     return_stats: bool = False
 
 
@@ -128,15 +166,6 @@ class TokenLogprob:
     token: str
     logprob: float  # natural log, of the distribution after penalties/bias, before temperature/top-p/top-k
     top: list[tuple[int, str, float]]  # (token id, token text, logprob), best first
-
-
-@dataclass
-class LayerEditStats:
-    """Per decoder layer, summed over every step of a request."""
-
-    tokens: int  # token positions the edit looked at (scope applied)
-    rotated: int  # of those, positions the probe judged negative and that were rotated
-    mean_angle: float  # radians, mean over rotated positions (0 when none)
 
 
 @dataclass
@@ -151,7 +180,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # cumulative
-    edit_stats: dict[int, LayerEditStats] | None = None  # last event only, when return_stats
+    edit_stats: EditStats | None = None  # last event only, when return_stats
 
 
 class EngineObserver(Protocol):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpr.editing import EditSpec
-from server.engine.types import LayerEditStats
+from hpr.edit_spec import EditSpec
+from hpr.edit_stats import EditStats
 from server.errors import APIError
 from server.protocol import HPRApplied, HPRLayerStats, HPRRequest
 from server.runtime import Runtime
@@ -30,9 +30,9 @@ def check_model(runtime: Runtime, model: str | None) -> str | None:
     """Return the adapter id ``model`` names (None for the base model); 404 for anything else."""
     if model is None or model == runtime.base_id:
         return None
-    if model in runtime.adapters:
+    if model in runtime.registry:
         return model
-    known = [runtime.base_id, *sorted(runtime.adapters)]
+    known = [runtime.base_id, *sorted(runtime.registry.names())]
     raise APIError(404, f"model {model!r} does not exist; available: {known}", param="model", code="model_not_found")
 
 
@@ -58,25 +58,26 @@ def resolve_edit(runtime: Runtime, model: str | None, hpr: HPRRequest | None) ->
             return ResolvedEdit(spec=None, applied=None, return_stats=False)
         raise APIError(
             400,
-            f"hpr needs an adapter: set hpr.adapter or use an adapter id as model (loaded: {sorted(runtime.adapters)})",
+            "hpr needs an adapter: set hpr.adapter or use an adapter id as model "
+            f"(loaded: {sorted(runtime.registry.names())})",
             param="hpr.adapter",
             code="missing_adapter",
         )
-    spec = runtime.editor.resolve(adapter, hpr.layers, hpr.alpha, hpr.scope)
+    spec = runtime.registry.resolve(adapter, hpr.layers, hpr.alpha, hpr.scope)
     applied = HPRApplied(adapter=spec.adapter, layers=list(spec.layers), alpha=spec.alpha, scope=spec.scope)
     return ResolvedEdit(spec=spec, applied=applied, return_stats=hpr.return_stats)
 
 
-def stats_payload(stats: dict[int, LayerEditStats] | None) -> dict[str, HPRLayerStats] | None:
-    """Engine stats → the response's ``hpr_stats`` (keys are layer indices as strings, JSON-style)."""
+def stats_payload(stats: EditStats | None) -> dict[str, HPRLayerStats] | None:
+    """The request's :class:`EditStats` → the response's ``hpr_stats`` (keys are layer indices as strings).
+
+    The API keeps HPR's words: ``rotated`` is the positions the method changed, ``mean_angle`` their mean amount.
+    """
     if stats is None:
         return None
     return {
         str(layer): HPRLayerStats(
-            tokens=s.tokens,
-            rotated=s.rotated,
-            share_rotated=s.rotated / s.tokens if s.tokens else 0.0,
-            mean_angle=s.mean_angle,
+            tokens=s.tokens, rotated=s.changed, share_rotated=s.share_changed, mean_angle=s.mean_amount
         )
-        for layer, s in sorted(stats.items())
+        for layer, s in sorted(stats.layers.items())
     }

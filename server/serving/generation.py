@@ -14,7 +14,8 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from server.engine.types import FinishReason, GenerationOutput, GenerationRequest, LayerEditStats, TokenLogprob
+from hpr.edit_stats import EditStats
+from server.engine.types import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from server.errors import APIError
 from server.runtime import EngineLike
 
@@ -37,7 +38,7 @@ class ChoiceResult:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    edit_stats: dict[int, LayerEditStats] | None = None
+    edit_stats: EditStats | None = None
 
     def add(self, out: GenerationOutput) -> None:
         self.text += out.text

@@ -13,6 +13,7 @@ from server.runtime import Runtime
 def adapter_info(adapter: HPRAdapter) -> dict[str, object]:
     config = adapter.config
     return {
+        "method": config.method,
         "base_model": config.base_model,
         "trained_layers": list(config.layers),
         "selected_layers": list(config.selected_layers),
@@ -33,12 +34,12 @@ def list_models(runtime: Runtime) -> ModelList:
     base = ModelCard(
         id=runtime.base_id,
         created=runtime.created,
-        root=public_root(runtime.loaded.source),
+        root=public_root(runtime.info.source),
         max_model_len=runtime.max_model_len,
     )
     cards = [base]
-    for name, adapter in runtime.adapters.items():
-        source = runtime.adapter_sources.get(name)
+    for name, adapter in runtime.registry.items():
+        source = adapter.source
         cards.append(
             ModelCard(
                 id=name,

@@ -27,7 +27,7 @@ def test_seed_edit_equals_our_o_h_edit(tiny_adapter: HPRAdapter) -> None:
     torch.manual_seed(1)
     module = tiny_adapter.layer(0)
     x = torch.randn(6, 1, 64) * 4  # (b, s=1, h): the seed edits one position per forward
-    ours = module.edit(x, alpha=0.7)
+    ours = module.rotate(x, alpha=0.7)
     assert ours.rotated.any() and not ours.rotated.all()  # both branches are exercised
     torch.testing.assert_close(seed_apply_guidance(module, x, 0.7), ours.output, rtol=1e-4, atol=1e-4)
 

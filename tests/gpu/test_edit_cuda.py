@@ -25,8 +25,8 @@ def test_edit_of_bf16_activations_is_computed_in_fp32() -> None:
     x = (torch.randn(4, 9, 576) * 3).to(torch.bfloat16)  # (B, T, h)
     alpha = torch.tensor([[0.5], [1.0], [2.0], [4.0]])  # (B, 1)
     with torch.no_grad():
-        reference = layer.edit(x.float(), alpha)  # CPU, fp32 throughout
-        got = layer.to("cuda").edit(x.cuda(), alpha.cuda())
+        reference = layer.rotate(x.float(), alpha)  # CPU, fp32 throughout
+        got = layer.to("cuda").rotate(x.cuda(), alpha.cuda())
     assert got.output.dtype == torch.bfloat16 and got.theta.dtype == torch.float32
     assert torch.equal(got.rotated.cpu(), reference.rotated) and bool(reference.rotated.any())
     # θ from the angle MLP run in fp32 (bf16 arithmetic would be off by ~1e-2)

@@ -10,7 +10,7 @@ import torch
 
 from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter, save_seed_format
 from hpr.errors import CheckpointError
-from tests.conftest import make_random_adapter
+from tests.conftest import make_random_adapter, make_steering_adapter
 
 
 def same_weights(a: HPRAdapter, b: HPRAdapter) -> bool:
@@ -26,7 +26,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert loaded.config == adapter.config
     text = (tmp_path / "ckpt" / CONFIG_NAME).read_text()
     data = json.loads(text)
-    assert list(data) == sorted(data) and data["format_version"] == 1
+    assert list(data) == sorted(data) and data["format_version"] == 2 and data["method"] == "hpr"
     assert all(k.startswith("layers.") for k in loaded.state_tensors())
 
 
@@ -93,4 +93,47 @@ def test_default_scope_round_trips_and_is_validated(tmp_path: Path) -> None:
     data["default_scope"] = "prompt"
     (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"hpr_config\.json.*default_scope"):
+        HPRAdapter.load(tmp_path / "ckpt")
+
+
+def test_a_version_1_checkpoint_without_method_loads_as_hpr(tmp_path: Path) -> None:
+    """Every checkpoint written before methods existed: format_version 1, no `method` field."""
+    adapter = make_random_adapter(trained=[1, 2])
+    adapter.save(tmp_path / "v1")
+    data = json.loads((tmp_path / "v1" / CONFIG_NAME).read_text())
+    del data["method"]
+    data["format_version"] = 1
+    (tmp_path / "v1" / CONFIG_NAME).write_text(json.dumps(data))
+    loaded = HPRAdapter.load(tmp_path / "v1", hidden_size=64, num_layers=4)
+    assert loaded.config.method == "hpr" and same_weights(adapter, loaded)
+    loaded.save(tmp_path / "again")  # written back in the current format
+    again = json.loads((tmp_path / "again" / CONFIG_NAME).read_text())
+    assert again["format_version"] == 2 and again["method"] == "hpr"
+
+
+def test_steering_checkpoint_round_trips(tmp_path: Path) -> None:
+    adapter = make_steering_adapter(trained=[0, 3])
+    adapter.save(tmp_path / "steer")
+    loaded = HPRAdapter.load(tmp_path / "steer", hidden_size=64, num_layers=4)
+    assert loaded.config.method == "steer" and loaded.config.angle_widths == []
+    assert sorted(loaded.state_tensors()) == ["layers.0.vector", "layers.3.vector"]
+    assert same_weights(adapter, loaded)
+    with pytest.raises(CheckpointError, match="steer"):
+        save_seed_format(loaded, tmp_path / "seed")  # the seed's layout holds HPR modules only
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("method", "lora", r"hpr_config\.json.*unknown edit method 'lora'"),
+        ("format_version", 3, r"hpr_config\.json.*format_version 3 is newer"),
+        ("angle_widths", [64, 32], r"hpr_config\.json.*'steer' has no angle MLP"),
+    ],
+)
+def test_bad_method_fields_are_refused_naming_the_file(tmp_path: Path, field: str, value: object, message: str) -> None:
+    make_steering_adapter().save(tmp_path / "ckpt")
+    data = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    data[field] = value
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=message):
         HPRAdapter.load(tmp_path / "ckpt")

@@ -52,17 +52,17 @@ def test_stats_are_the_marked_positions_and_the_known_angle(tiny_model) -> None:
             tiny_model(input_ids=ids)
     finally:
         editor.detach()
-    assert plan.stats is not None
-    stats = plan.stats
+    row0, row1, row2 = (plan.row_stats(row) for row in range(3))
     rotated0 = int((x1[0, 2:, j] < 0).sum())
     rotated2 = int((x1[2, 5:, j] < 0).sum())
     assert 0 < rotated0 < 7 and 0 < rotated2 < 4
-    assert stats[0, 1, :2].tolist() == [7, rotated0]
-    assert stats[0, 1, 2].item() == pytest.approx(rotated0 * known_angle(0.5), rel=1e-6)
-    assert stats[2, 1, :2].tolist() == [4, rotated2]
-    assert stats[2, 1, 2].item() / rotated2 == pytest.approx(known_angle(2.0), rel=1e-6)
-    assert stats[1].abs().sum().item() == 0  # the row without an edit
-    assert stats[:, [0, 2, 3]].abs().sum().item() == 0  # layers nobody edits
+    assert (row0.layers[1].tokens, row0.layers[1].changed) == (7, rotated0)
+    assert row0.layers[1].amount_sum == pytest.approx(rotated0 * known_angle(0.5), rel=1e-6)
+    assert (row2.layers[1].tokens, row2.layers[1].changed) == (4, rotated2)
+    assert row2.layers[1].mean_amount == pytest.approx(known_angle(2.0), rel=1e-6)
+    assert row1.layers == {}  # the row without an edit
+    assert list(row0.layers) == [1] and list(row2.layers) == [1]
+    assert plan.sums is not None and plan.sums[:, [0, 2, 3]].abs().sum().item() == 0  # layers nobody edits
 
 
 def test_stats_of_a_later_layer_see_the_earlier_edit(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -92,9 +92,9 @@ def test_stats_of_a_later_layer_see_the_earlier_edit(tiny_model) -> None:  # typ
             logits = tiny_model(input_ids=ids).logits
     finally:
         editor.detach()
-    assert plan.stats is not None
+    stats = plan.row_stats(0).layers
     for layer, x in ((1, x1), (3, x3)):
         rotated = int((x[0, :, j] < 0).sum())
-        assert plan.stats[0, layer, :2].tolist() == [12, rotated]
-        assert plan.stats[0, layer, 2].item() / rotated == pytest.approx(theta, rel=1e-6)
+        assert (stats[layer].tokens, stats[layer].changed) == (12, rotated)
+        assert stats[layer].mean_amount == pytest.approx(theta, rel=1e-6)
     assert torch.allclose(logits, ref_logits, atol=1e-4)

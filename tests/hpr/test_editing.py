@@ -83,10 +83,11 @@ def test_stats_count_tokens_and_rotations(tiny_model, tiny_adapter: HPRAdapter) 
         plan = EditPlan([EditSpec("a", (0, 2)), None], collect_stats=True)
         with editor.apply(plan):
             logits(tiny_model, ids)
-        assert plan.stats is not None
-        assert plan.stats[0, 0, 0].item() == 5 and plan.stats[0, 2, 0].item() == 5
-        assert plan.stats[0, 1].sum().item() == 0 and plan.stats[1].sum().item() == 0
-        assert 0 <= plan.stats[0, 0, 1].item() <= 5
+        stats = plan.row_stats(0).layers
+        assert list(stats) == [0, 2] and stats[0].tokens == 5 and stats[2].tokens == 5
+        assert plan.sums is not None and plan.sums[0, 1].sum().item() == 0 and plan.sums[1].sum().item() == 0
+        assert plan.row_stats(1).layers == {}
+        assert 0 <= stats[0].changed <= 5
     finally:
         editor.detach()
 

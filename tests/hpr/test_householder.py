@@ -97,8 +97,8 @@ def test_alpha_scales_angle_and_zero_alpha_is_identity() -> None:
     layer = HPRLayer(32)
     x = torch.randn(3, 5, 32)
     assert torch.allclose(layer.edit(x, alpha=0.0).output, x, atol=1e-6)
-    t1 = layer.edit(x, alpha=1.0).theta
-    t2 = layer.edit(x, alpha=2.0).theta
+    t1 = layer.rotate(x, alpha=1.0).theta
+    t2 = layer.rotate(x, alpha=2.0).theta
     assert torch.allclose(t2, 2 * t1, atol=1e-6)
 
 
@@ -145,5 +145,5 @@ def test_probe_decision_is_exact_and_independent_of_the_batch() -> None:
     layer = HPRLayer(576)
     with torch.no_grad():
         layer.probe.weight.copy_(w[None])
-    rotated = layer.edit(x, 1.0).rotated.tolist()  # most of these are inside the sin γ ≈ 0 band: left alone
+    rotated = layer.rotate(x, 1.0).rotated.tolist()  # most of these are inside the sin γ ≈ 0 band: left alone
     assert all(negative for negative, r in zip(exact, rotated, strict=True) if r)

@@ -71,7 +71,7 @@ def test_seed_fixture_edits_match_reference(seed_checkpoint_dir: Path) -> None:
     assert set(cases) == {(layer, alpha) for layer in TRAINED for alpha in (1.0, 1.5)}
     errors = {}
     for (layer, alpha), reference in cases.items():
-        result = adapter.layer(layer).edit(x, alpha)
+        result = adapter.layer(layer).rotate(x, alpha)
         # The reference leaves positive tokens alone and rotates the others: the fixture holds both kinds.
         assert 0 < int(result.rotated.sum()) < x.shape[1], (layer, alpha)
         errors[layer, alpha] = relative_edit_error(result.output, reference)
@@ -90,8 +90,8 @@ def test_seed_fixture_served_on_tiny_llama_edits_the_selected_layers(seed_checkp
         plan = EditPlan([spec], collect_stats=True)
         with torch.no_grad(), editor.apply(plan):
             model(torch.arange(3, 19).unsqueeze(0))  # (1, 16)
-        assert plan.stats is not None
-        seen = plan.stats[0, :, 0]  # (num_layers,) tokens looked at per layer
+        assert plan.sums is not None
+        seen = plan.sums[0, :, 0]  # (num_layers,) tokens looked at per layer, every layer
         assert [layer for layer in range(6) if seen[layer] > 0] == SELECTED
     finally:
         editor.detach()

@@ -13,14 +13,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from hpr.editing import HPREditor
-from hpr.model import LoadedModel
+import torch
+
+from hpr.edit_stats import EditStats, LayerEditStats
+from hpr.model import load_model
+from hpr.registry import AdapterRegistry
 from server.engine.types import (
     EngineObserver,
     EngineStoppedError,
     GenerationOutput,
     GenerationRequest,
-    LayerEditStats,
+    ModelInfo,
     PromptTooLongError,
     QueueFullError,
     TokenLogprob,
@@ -33,11 +36,16 @@ PROMPT_LOGPROB = -1.0
 
 
 class FakeEngine:
-    def __init__(self, loaded: LoadedModel, editor: HPREditor, settings: ServerSettings, step_delay: float = 0.0):
+    """An engine factory too: ``FakeEngine(settings, registry)`` loads the (tiny) model named by the settings."""
+
+    def __init__(self, settings: ServerSettings, registry: AdapterRegistry, step_delay: float = 0.0):
+        loaded = load_model(settings.model, "cpu", "float32", model_id=settings.served_model_name)
+        self.info = ModelInfo.from_loaded(loaded, settings.max_model_len)
+        registry.bind(self.info.hidden_size, self.info.num_layers, torch.device("cpu"))
         self.tokenizer: Any = loaded.tokenizer
         self.max_batch_size = settings.max_batch_size
         self.max_queue = settings.max_queue
-        self.max_model_len = settings.max_model_len or loaded.max_context
+        self.max_model_len = self.info.max_model_len
         self.step_delay = step_delay
         self.observer: EngineObserver | None = None
         self.requests: list[GenerationRequest] = []
@@ -140,9 +148,9 @@ class FakeEngine:
             out.prompt_tokens = len(request.prompt_ids)
             if request.return_stats and request.edit is not None:
                 total = len(request.prompt_ids) + n
-                out.edit_stats = {
-                    layer: LayerEditStats(tokens=total, rotated=1, mean_angle=0.25) for layer in request.edit.layers
-                }
+                out.edit_stats = EditStats(
+                    {layer: LayerEditStats(tokens=total, changed=1, amount_sum=0.25) for layer in request.edit.layers}
+                )
             if self.observer is not None:
                 self.observer.on_finish(request.request_id, len(request.prompt_ids), n)
                 if request.edit is not None:

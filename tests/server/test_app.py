@@ -20,9 +20,9 @@ def test_health_is_503_until_loaded_then_200(tiny_settings: ServerSettings) -> N
     release = threading.Event()
     engines: list[FakeEngine] = []
 
-    def blocking_factory(loaded: Any, editor: Any, settings: ServerSettings) -> FakeEngine:
+    def blocking_factory(settings: ServerSettings, registry: Any) -> FakeEngine:
         release.wait(30)
-        engines.append(FakeEngine(loaded, editor, settings))
+        engines.append(FakeEngine(settings, registry))
         return engines[-1]
 
     with run_server(tiny_settings, blocking_factory, wait_ready=False) as live:

@@ -21,8 +21,8 @@ from tests.server.test_errors import assert_envelope
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
-def slow_engine(loaded: Any, editor: Any, settings: ServerSettings) -> FakeEngine:
-    return FakeEngine(loaded, editor, settings, step_delay=0.05)
+def slow_engine(settings: ServerSettings, registry: Any) -> FakeEngine:
+    return FakeEngine(settings, registry, step_delay=0.05)
 
 
 def test_over_capacity_is_refused_before_templating_or_tokenizing(

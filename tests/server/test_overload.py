@@ -14,8 +14,8 @@ from tests.server.live_server import run_server
 from tests.server.test_errors import assert_envelope
 
 
-def slow_engine(loaded: Any, editor: Any, settings: ServerSettings) -> FakeEngine:
-    return FakeEngine(loaded, editor, settings, step_delay=0.05)
+def slow_engine(settings: ServerSettings, registry: Any) -> FakeEngine:
+    return FakeEngine(settings, registry, step_delay=0.05)
 
 
 def test_overload_is_429_with_retry_after(tiny_settings: ServerSettings) -> None:

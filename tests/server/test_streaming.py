@@ -21,8 +21,8 @@ def sse_payloads(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def slow_engine(loaded: Any, editor: Any, settings: ServerSettings) -> FakeEngine:
-    return FakeEngine(loaded, editor, settings, step_delay=0.05)
+def slow_engine(settings: ServerSettings, registry: Any) -> FakeEngine:
+    return FakeEngine(settings, registry, step_delay=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def make_engine(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> Callable[..
 
     class _Ctx:
         def __init__(self, **kwargs: Any) -> None:
-            self.engine = Engine(tiny_loaded, tiny_editor, **kwargs)
+            self.engine = Engine(tiny_loaded, tiny_editor.registry, **kwargs)
 
         async def __aenter__(self) -> Engine:
             self.engine.start()

@@ -257,7 +257,7 @@ def test_graceful_stop_drains_running_requests_and_refuses_new_ones(
     tiny_loaded: LoadedModel, tiny_editor: HPREditor
 ) -> None:
     async def main() -> None:
-        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=1)
+        engine = Engine(tiny_loaded, tiny_editor.registry, max_batch_size=1)
         engine.start()
         running = engine.generate(request(tiny_loaded, request_id="running", max_tokens=30))
         first = await running.__anext__()
@@ -280,7 +280,7 @@ def test_graceful_stop_drains_running_requests_and_refuses_new_ones(
 
 def test_stop_past_the_drain_timeout_fails_the_stragglers(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
     async def main() -> None:
-        engine = Engine(tiny_loaded, tiny_editor)
+        engine = Engine(tiny_loaded, tiny_editor.registry)
         engine.start()
         endless = engine.generate(request(tiny_loaded, max_tokens=100_000))
         await endless.__anext__()
@@ -318,14 +318,15 @@ def test_edit_stats_are_returned_on_the_last_event(
             return await asyncio.gather(*(collect(engine, r) for r in reqs))
 
     every, generated = run(main())
-    stats = every[-1].edit_stats
-    assert stats is not None and set(stats) == {0, 2}
+    last = every[-1].edit_stats
+    assert last is not None and set(last.layers) == {0, 2}
+    stats = last.layers
     # prompt tokens + the tokens fed back (the last generated token is never fed)
     assert all(s.tokens == len(prompt) + 3 for s in stats.values())
-    assert all(0 <= s.rotated <= s.tokens and 0 <= s.mean_angle <= math.pi for s in stats.values())
+    assert all(0 <= s.changed <= s.tokens and 0 <= s.mean_amount <= math.pi for s in stats.values())
     assert all(o.edit_stats is None for o in every[:-1])
     gen_stats = generated[-1].edit_stats
-    assert gen_stats is not None and gen_stats[1].tokens == 1 + 3  # last prompt token + fed-back tokens
+    assert gen_stats is not None and gen_stats.layers[1].tokens == 1 + 3  # last prompt token + fed-back tokens
 
 
 def test_edit_stats_arrive_when_a_stop_string_ends_the_request(
@@ -345,7 +346,8 @@ def test_edit_stats_arrive_when_a_stop_string_ends_the_request(
     outputs = run(main())
     last = outputs[-1]
     assert last.finish_reason == "stop"
-    assert last.edit_stats is not None and last.edit_stats[3].tokens >= len(prompt) + last.completion_tokens - 1
+    stats = last.edit_stats
+    assert stats is not None and stats.layers[3].tokens >= len(prompt) + last.completion_tokens - 1
 
 
 def test_max_queue_zero_admits_while_a_slot_is_free_and_refuses_when_full(

@@ -96,7 +96,7 @@ def test_concurrent_requests_with_different_edits_match_each_alone(
     observer = StepSizes()
 
     async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=16, observer=observer)
+        engine = Engine(tiny_loaded, tiny_editor.registry, max_batch_size=16, observer=observer)
         engine.start()
         try:
             return await asyncio.gather(
@@ -121,7 +121,7 @@ def test_requests_joining_a_running_batch_match_each_alone(tiny_loaded: LoadedMo
     prompts = prompts_for(tiny_loaded, len(cases))
 
     async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor, max_batch_size=16)
+        engine = Engine(tiny_loaded, tiny_editor.registry, max_batch_size=16)
         engine.start()
         try:
             tasks = []
@@ -143,7 +143,7 @@ def test_layers_none_equals_the_base_model(tiny_loaded: LoadedModel, tiny_editor
     assert none_spec.is_noop
 
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor)
+        engine = Engine(tiny_loaded, tiny_editor.registry)
         engine.start()
         try:
             return await asyncio.gather(
@@ -174,7 +174,7 @@ def test_scope_generated_differs_from_all_only_where_it_should(
         return GenerationRequest(request_id, prompt, sampling, edit=spec)
 
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput], list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor)
+        engine = Engine(tiny_loaded, tiny_editor.registry)
         engine.start()
         try:
             return await asyncio.gather(
@@ -214,7 +214,7 @@ def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
         return GenerationRequest(request_id, prompt, params, edit=tiny_editor.resolve("tiny", "selected"))
 
     async def alone(request: GenerationRequest) -> str:
-        engine = Engine(tiny_loaded, tiny_editor)
+        engine = Engine(tiny_loaded, tiny_editor.registry)
         engine.start()
         try:
             return joined(await collect(engine, request))[1]
@@ -222,7 +222,7 @@ def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
             await engine.stop()
 
     async def batched() -> list[str]:
-        engine = Engine(tiny_loaded, tiny_editor)
+        engine = Engine(tiny_loaded, tiny_editor.registry)
         engine.start()
         try:
             requests = [sampled("a", 7), sampled("b", 7, top_p=0.9), sampled("c", 8, top_k=5)]

@@ -105,7 +105,7 @@ def test_smollm2_batched_edits_at_the_default_alpha_match_each_alone(smollm2: Lo
         observer = StepSizes()
 
         async def main() -> list[list[GenerationOutput]]:
-            engine = Engine(smollm2, editor, observer=observer)
+            engine = Engine(smollm2, editor.registry, observer=observer)
             engine.start()
             try:
                 sampling = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=3)
