@@ -1,6 +1,6 @@
 # hpr-serve image. One build argument picks the variant (see docs/docker.md):
 #   docker build -t hpr-serve:cpu .                             python:3.11-slim + CPU torch, float32 (default)
-#   docker build -t hpr-serve:cuda --build-arg VARIANT=cuda .    nvidia/cuda + CUDA torch, bfloat16
+#   docker build -t hpr-serve:cuda --build-arg VARIANT=cuda .    nvidia/cuda + CUDA torch, bfloat16 (CPU fallback)
 # Podman: add `--format docker` (the OCI format drops the HEALTHCHECK); on Podman 4.3 also pass
 # `--build-arg VARIANT=cpu` explicitly (its Buildah resolves `FROM base-${VARIANT}` to a stage only then).
 #
@@ -16,8 +16,9 @@
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.11-slim
-# The `base` flavour is enough: the CUDA torch wheel brings its own CUDA libraries (as vLLM's image does).
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# The `base` flavour is enough: the CUDA torch wheel brings its own CUDA libraries (as vLLM's image does). Its CUDA
+# release matches PyPI's torch 2.13.0 (+cu130), so the NVIDIA runtime refuses a host driver too old for it (< 580).
+ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---- interpreter + variant defaults ----------------------------------------------------------------------------
 FROM ${CPU_BASE_IMAGE} AS base-cpu
@@ -27,10 +28,12 @@ ENV HPR_DEVICE=cpu \
 FROM ${CUDA_BASE_IMAGE} AS base-cuda
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* \
  && (userdel --remove ubuntu 2>/dev/null || true)
+# auto/auto: bf16 on a visible GPU; without one, the server logs so and serves on the CPU in float32 (bf16 there
+# would be slow), rather than failing to start.
 ENV HPR_DEVICE=auto \
-    HPR_DTYPE=bfloat16 \
+    HPR_DTYPE=auto \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 

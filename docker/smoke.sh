@@ -5,6 +5,12 @@
 #
 #   docker/smoke.sh                      # docker or podman, whichever works (docker first)
 #   ENGINE=podman VARIANT=cpu PORT=18000 SKIP_BUILD=1 IMAGE=hpr-serve:cpu ADAPTER_DIR=path docker/smoke.sh
+#   VARIANT=cuda BUILD_ARGS='--build-arg CUDA_BASE_IMAGE=debian:bookworm' docker/smoke.sh   # CUDA image, no GPU
+#   VARIANT=cuda RUN_ARGS='--gpus all' docker/smoke.sh     # on a GPU host (podman: '--device nvidia.com/gpu=all')
+#
+# VARIANT=cuda first checks that the image's torch is a CUDA build. Without a GPU in the container it then checks
+# the fallback: the server logs that it sees no GPU and serves on the CPU in float32, and `--device cuda` stops at
+# startup with a message saying why; with one, that the server runs on CUDA in bfloat16. The requests are the same.
 #
 # The adapter: $ADAPTER_DIR, by default runs/truthfulqa/checkpoint, when it exists (trained by `hpr-train run
 # --out runs/truthfulqa`), else a random one of SmolLM2's shape (hidden 576, 30 layers) written by the image's python.
@@ -16,6 +22,8 @@ IMAGE=${IMAGE:-hpr-serve:smoke}
 VARIANT=${VARIANT:-cpu}
 PORT=${PORT:-18000}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-180}
+# shellcheck disable=SC2206  # RUN_ARGS is a list of words on purpose (e.g. --gpus all)
+RUN_ARGS=(${RUN_ARGS:-})
 NAME=hpr-smoke-$$
 BASE_MODEL=smollm2-135m-instruct
 URL=http://127.0.0.1:$PORT
@@ -62,6 +70,27 @@ fi
 size=$("$ENGINE" image inspect --format '{{.Size}}' "$IMAGE") || fail "no image $IMAGE"
 say "image $IMAGE: $((size / 1000000)) MB"
 
+# --- CUDA image: a CUDA torch; without a GPU, an explicit --device cuda must stop with a reason ---------------------
+GPU=0
+if [[ $VARIANT == cuda ]]; then
+    read -r torch_version torch_cuda GPU < <("$ENGINE" run --rm "${RUN_ARGS[@]}" --entrypoint python "$IMAGE" -c \
+        "import torch; print(torch.__version__, torch.version.cuda, int(torch.cuda.is_available()))" 2>/dev/null) \
+        || fail "cannot import torch in $IMAGE"
+    [[ $torch_cuda != None ]] || fail "VARIANT=cuda but $IMAGE has a CPU build of torch ($torch_version)"
+    say "torch $torch_version, built for CUDA $torch_cuda; GPU visible in the container: $([[ $GPU == 1 ]] && echo yes || echo no)"
+    if [[ $GPU == 0 ]]; then
+        start=$(date +%s)
+        # No port, no adapters: the server must give up at startup, exit non-zero and say why.
+        if out=$(timeout 300 "$ENGINE" run --rm "${RUN_ARGS[@]}" "$IMAGE" --device cuda 2>&1); then
+            fail "--device cuda without a GPU started: $(tail -n 5 <<<"$out")"
+        fi
+        grep -q "CUDA is not available: torch .* is built for CUDA" <<<"$out" \
+            || fail "--device cuda without a GPU: no clear message in: $(tail -n 20 <<<"$out")"
+        say "--device cuda without a GPU stops in $(($(date +%s) - start)) s: \
+$(grep -o "startup failed: .*" <<<"$out" | tail -n 1)"
+    fi
+fi
+
 # --- adapter -------------------------------------------------------------------------------------------------------
 mkdir -p "$WORK/adapters" && chmod 0777 "$WORK" "$WORK/adapters"
 ADAPTER_DIR=${ADAPTER_DIR:-runs/truthfulqa/checkpoint}
@@ -97,8 +126,8 @@ PY
 
 # --- run and wait for healthy --------------------------------------------------------------------------------------
 start_ns=$(date +%s%N)
-"$ENGINE" run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" -v "$WORK/adapters:/adapters:ro,z" "$IMAGE" >/dev/null \
-    || fail "cannot start the container"
+"$ENGINE" run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" -v "$WORK/adapters:/adapters:ro,z" "${RUN_ARGS[@]}" "$IMAGE" \
+    >/dev/null || fail "cannot start the container"
 code=000
 for _ in $(seq $((HEALTH_TIMEOUT * 2))); do
     code=$(curl -s -o /dev/null -w '%{http_code}' "$URL/health" || true)
@@ -120,6 +149,20 @@ else
     [[ $(docker inspect --format '{{.State.Health.Status}}' "$NAME") == healthy ]] || fail "docker never saw healthy"
 fi
 say "HEALTHCHECK: healthy"
+# Where the model runs, from the server's own log: the CPU image and a CUDA image without a GPU use the CPU in
+# float32 (the CUDA one says why), a CUDA image with a GPU uses it in bfloat16.
+"$ENGINE" logs "$NAME" >"$WORK/server.log" 2>&1
+loaded=$(grep -o "loaded $BASE_MODEL .* in [0-9.]* s" "$WORK/server.log" | tail -n 1) || fail "no 'loaded' line in the log"
+if [[ $VARIANT == cuda && $GPU == 1 ]]; then
+    grep -q "torch.bfloat16 on cuda" <<<"$loaded" || fail "a GPU is visible but the server did not use it: $loaded"
+else
+    grep -q "torch.float32 on cpu" <<<"$loaded" || fail "expected float32 on the CPU: $loaded"
+fi
+if [[ $VARIANT == cuda && $GPU == 0 ]]; then
+    grep -q "no GPU: .*using the CPU" "$WORK/server.log" || fail "the server did not log that it has no GPU"
+    say "log: $(grep -o "no GPU: .*" "$WORK/server.log" | head -n 1)"
+fi
+say "log: $loaded"
 
 # --- requests ------------------------------------------------------------------------------------------------------
 # post BODY_JSON OUT_FILE → prints the HTTP status; the body goes to OUT_FILE, the total time to OUT_FILE.time

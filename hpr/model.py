@@ -62,15 +62,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HPR_CACHE_DIR", Path.home() / ".cache" / "hpr-serve"))
 
 
+def _no_cuda_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False, in words a user can act on."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU build"
+    return (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no GPU (none present, no NVIDIA "
+        f"driver, or one too old for CUDA {torch.version.cuda}; a container needs --gpus)"
+    )
+
+
 def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU (with a warning when torch is a CUDA build, i.e. a GPU was meant).
+    An explicit ``cuda`` without CUDA raises ``ModelLoadError`` saying why."""
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.version.cuda is not None:
+            log.warning("no GPU: %s; using the CPU", _no_cuda_reason())
+        return torch.device("cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise ModelLoadError(f"bad device {device!r}: {exc}") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available")
+        raise ModelLoadError(
+            f"device {device!r} asked for, but CUDA is not available: {_no_cuda_reason()}; "
+            "device 'auto' would fall back to the CPU"
+        )
     return resolved
 
 
