@@ -12,7 +12,7 @@ from server.metrics import RequestMetricsMiddleware, ServerMetrics
 from server.openapi import install_openapi
 from server.playground import router as playground_router
 from server.request_id import RequestIdMiddleware
-from server.routes import router
+from server.routes import admin_router, router
 from server.runtime import EngineFactory, default_engine_factory, make_lifespan
 from server.settings import ServerSettings
 
@@ -41,11 +41,17 @@ def create_app(settings: ServerSettings | None = None, *, engine_factory: Engine
     app.include_router(router)
     if settings.playground:
         app.include_router(playground_router)
+    if settings.adapter_root is not None:  # adapters at run time: off unless a root is given
+        app.include_router(admin_router)
     install_error_handlers(app)
     install_openapi(app)
     # Added innermost first: a request meets request id → metrics → CORS → API key → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys())
+    keys = settings.api_keys()
+    if settings.admin_key is not None and settings.admin_key in keys:  # --api-key-file is read only now
+        raise ValueError("--admin-key must differ from every API key (--api-key, --api-key-file)")
+    admin_keys = frozenset({settings.admin_key}) if settings.admin_key else frozenset()
+    app.add_middleware(APIKeyMiddleware, keys=keys, admin_keys=admin_keys)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,

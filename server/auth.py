@@ -2,7 +2,8 @@
 (``/docs``, ``/redoc``, ``/openapi.json``) when keys are configured.
 
 A pure ASGI middleware, so a request without a valid key is refused (401) before its body is read or parsed.
-``/health`` and ``/metrics`` stay open (probes and scrapers carry no key), as in vLLM.
+``/health`` and ``/metrics`` stay open (probes and scrapers carry no key), as in vLLM. The adapter endpoints
+(``/v1/adapters``) take the admin key instead, and only it: a user key does not open them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/v1"
+ADMIN_PREFIX = "/v1/adapters"
 PROTECTED_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def is_protected(path: str) -> bool:
     return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+
+
+def is_admin(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
 
 
 def is_loopback(host: str) -> bool:
@@ -63,21 +69,26 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class APIKeyMiddleware:
-    """Refuse ``/v1/*`` and docs requests whose bearer token is not one of ``keys`` (no-op when ``keys`` is empty)."""
+    """Refuse ``/v1/*`` and docs requests whose bearer token is not one of ``keys`` (no check when ``keys`` is
+    empty); with ``admin_keys``, ``/v1/adapters`` requests are checked against those instead."""
 
-    def __init__(self, app: ASGIApp, keys: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: frozenset[str], admin_keys: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.keys = keys
+        self.admin_keys = admin_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        admin = bool(self.admin_keys) and is_admin(path)  # no admin key: the endpoints are off (404)
+        accepted = self.admin_keys if admin else self.keys
         if (
-            self.keys
+            accepted
             and scope["type"] == "http"
             and scope.get("method") != "OPTIONS"  # CORS preflights carry no credentials
-            and is_protected(str(scope.get("path", "")))
+            and is_protected(path)
         ):
             token = bearer_token(scope)
-            if token is None or not key_matches(token, self.keys):
+            if token is None or not key_matches(token, accepted):
                 message = "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
                 error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 await error.response()(scope, receive, send)

@@ -22,6 +22,8 @@ def _is_list(annotation: object) -> bool:
 
 _METAVARS = {
     "adapter": "NAME=PATH",
+    "adapter_root": "DIR",
+    "admin_key": "KEY",
     "api_key": "KEY",
     "api_key_file": "FILE",
     "cors_origin": "ORIGIN",

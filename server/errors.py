@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hpr.errors import EditSpecError, UnknownAdapterError
+from hpr.errors import AdapterConflictError, CheckpointError, EditSpecError, HPRError, UnknownAdapterError
 from server.engine.types import EngineError, EngineStoppedError, InvalidRequestError, PromptTooLongError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -71,6 +72,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(404, str(exc), param=exc.param or "hpr.adapter", code="adapter_not_found")
     if isinstance(exc, EditSpecError):
         return APIError(400, str(exc), param=exc.param, code="invalid_edit")
+    if isinstance(exc, CheckpointError):  # only an adapter loaded at run time gets here: its path was given
+        return APIError(400, str(exc), param="path", code="invalid_checkpoint")
+    if isinstance(exc, AdapterConflictError):
+        return APIError(409, str(exc), param="name", code="adapter_exists")
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
@@ -154,5 +159,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(RequestValidationError, on_validation_error)
-    for kind in (APIError, EditSpecError, EngineError, Exception):
+    for kind in (APIError, HPRError, EngineError, Exception):
         app.add_exception_handler(kind, on_api_error)

@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
-_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/health", "/metrics"})
+_PREFIXES = (("/v1/models/", "/v1/models/{id}"), ("/v1/adapters/", "/v1/adapters/{name}"))
 
 
 class ServerMetrics:
@@ -97,5 +98,5 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             path = scope.get("path", "")
-            route = path if path in _ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            route = path if path in _ROUTES else next((r for p, r in _PREFIXES if path.startswith(p)), "other")
             self.metrics.requests.labels(route=route, method=scope.get("method", ""), status=str(status)).inc()

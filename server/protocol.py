@@ -390,3 +390,29 @@ class CompletionChunk(OpenAIModel):
     system_fingerprint: str | None = None
     usage: UsageInfo | None = None
     hpr: HPRApplied | None = None
+
+
+# --- adapters at run time (POST /v1/adapters, DELETE /v1/adapters/{name}) -------------------------------------------
+
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class AdapterLoadRequest(RequestModel):
+    name: str = Field(
+        pattern=ADAPTER_NAME_PATTERN,
+        description="The adapter's id in the API (`model`, `hpr.adapter`): letters, digits, '.', '_', '-'.",
+    )
+    path: str = Field(
+        min_length=1,
+        description="Checkpoint directory (ours or the seed's), relative to --adapter-root or absolute; it must "
+        "resolve inside --adapter-root.",
+    )
+
+
+class AdapterDeleted(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = Field(description="True: the adapter takes no new request from now on.")
+    running_requests: int = Field(
+        description="Requests still running on it; it leaves memory when they finish (0: it already has)."
+    )

@@ -12,6 +12,8 @@ from sse_starlette import EventSourceResponse
 
 from server.metrics import ServerMetrics
 from server.protocol import (
+    AdapterDeleted,
+    AdapterLoadRequest,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -20,10 +22,12 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.runtime import Runtime, get_runtime
+from server.runtime import Runtime, get_runtime, get_settings
+from server.serving.adapters import load_adapter, unload_adapter
 from server.serving.chat import ServingChat
 from server.serving.completion import ServingCompletion
 from server.serving.models import get_model, list_models
+from server.settings import ServerSettings
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -37,6 +41,7 @@ _STREAMED: dict[int | str, dict[str, object]] = {
 }
 
 router = APIRouter()
+admin_router = APIRouter()  # included only with --adapter-root; the admin key guards it (server/auth.py)
 
 
 def _sse(frames: AsyncIterator[str]) -> EventSourceResponse:
@@ -82,3 +87,18 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
     if isinstance(result, CompletionResponse):
         return JSONResponse(result.model_dump(mode="json"))
     return _sse(result)
+
+
+@admin_router.post("/v1/adapters", response_model=ModelCard, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+async def adapters_load(
+    body: AdapterLoadRequest, runtime: RuntimeDep, settings: Annotated[ServerSettings, Depends(get_settings)]
+) -> ModelCard:
+    """Load an adapter from inside ``--adapter-root`` and make it routable (admin key)."""
+    assert settings.adapter_root is not None  # the router is only mounted with a root
+    return await load_adapter(runtime, settings.adapter_root, body)
+
+
+@admin_router.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=_ERRORS)
+async def adapters_unload(name: str, runtime: RuntimeDep) -> AdapterDeleted:
+    """Stop routing an adapter; it is unloaded once its running requests finish (admin key)."""
+    return unload_adapter(runtime, name)

@@ -43,7 +43,17 @@ class ServerSettings(BaseSettings):
     adapter: StrList = Field(
         default_factory=list,
         description="HPR adapter to load as NAME=PATH (or PATH: the name is the directory name). "
-        "Our checkpoint format or the seed's. Requests can only use adapters given here.",
+        "Our checkpoint format or the seed's. More can be loaded at run time under --adapter-root.",
+    )
+    adapter_root: Path | None = Field(
+        default=None,
+        description="Directory that adapters loaded at run time (POST /v1/adapters) must be inside. Unset: the "
+        "adapter endpoints are off. Needs --admin-key.",
+    )
+    admin_key: str | None = Field(
+        default=None,
+        description="Bearer key of the adapter endpoints (POST /v1/adapters, DELETE /v1/adapters/NAME); distinct "
+        "from the --api-key keys, which do not open them.",
     )
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0 = any free port).")
@@ -103,6 +113,13 @@ class ServerSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_adapters(self) -> ServerSettings:
         self.adapter_paths()  # raises ValueError on a bad or duplicate NAME=PATH
+        if self.adapter_root is not None:
+            if not self.adapter_root.expanduser().is_dir():
+                raise ValueError(f"--adapter-root {self.adapter_root}: not a directory")
+            if not self.admin_key:
+                raise ValueError("--adapter-root needs --admin-key (the key of the adapter endpoints)")
+        if self.admin_key is not None and self.admin_key in self.api_key:
+            raise ValueError("--admin-key must differ from every --api-key")
         return self
 
     def adapter_paths(self) -> dict[str, Path]:

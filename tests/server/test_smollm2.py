@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from tests.conftest import make_random_adapter
 from tests.server.live_server import run_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ADMIN_KEY = "smol-admin"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,14 @@ def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         for p in adapter.parameters():
             p.mul_(0.1)
     adapter_dir: Path = adapter.save(tmp_path_factory.mktemp("smol-adapter") / "truthful")
-    settings = ServerSettings(adapter=[f"truthful={adapter_dir}"], device="cpu", dtype="float32", max_batch_size=8)
+    settings = ServerSettings(
+        adapter=[f"truthful={adapter_dir}"],
+        device="cpu",
+        dtype="float32",
+        max_batch_size=8,
+        adapter_root=adapter_dir.parent,
+        admin_key=ADMIN_KEY,
+    )
     with run_server(settings) as live:
         yield live
 
@@ -118,3 +129,47 @@ def test_scoring_two_answers_through_the_api(smol_server: Any) -> None:
         return float(sum(x for x in lp["token_logprobs"][1:]))
 
     assert score("The capital of France is Paris.") > score("The capital of France is Banana.")
+
+
+def test_an_adapter_loads_at_run_time_within_a_second_while_a_stream_runs(smol_server: Any) -> None:
+    """A checkpoint of the trained TruthfulQA adapter's shape (all 30 layers, HPR) loads in ≤ 1 s through
+    POST /v1/adapters while a stream decodes; the stream gets every token, and the new adapter edits."""
+    root = smol_server.app.state.settings.adapter_root
+    adapter = make_random_adapter(hidden=576, layers=30)
+    adapter.config.base_model = EMBEDDED_MODEL_ID
+    adapter.save(root / "full30")
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"model": "truthful", "prompt": "Tell me a story", "max_tokens": 40, "temperature": 0, "stream": True}
+    body["ignore_eos"] = True
+    tokens: list[str] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", smol_server.api_base + "/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    tokens.append(json.loads(line[6:])["choices"][0]["text"])
+                    started.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert started.wait(120)
+    start = time.perf_counter()
+    response = httpx.post(
+        smol_server.api_base + "/adapters", json={"name": "full30", "path": "full30"}, headers=headers, timeout=60
+    )
+    seconds = time.perf_counter() - start
+    assert response.status_code == 200, response.text
+    still_running = reader.is_alive()
+    used = httpx.post(
+        smol_server.api_base + "/completions",
+        json={"model": "full30", "prompt": "Hi", "max_tokens": 2, "hpr": {"return_stats": True}},
+        timeout=120,
+    ).json()
+    assert used["hpr"]["adapter"] == "full30" and set(used["choices"][0]["hpr_stats"]) == {"0", "1"}
+    deleted = httpx.delete(smol_server.api_base + "/adapters/full30", headers=headers, timeout=60).json()
+    assert deleted["deleted"] is True
+    reader.join(300)
+    print(f"run-time load of a 30-layer HPR adapter on SmolLM2: {seconds:.3f} s (stream running: {still_running})")
+    assert still_running and len(tokens) == 40  # the stream ran through the load, and lost nothing
+    assert seconds <= 1.0
