@@ -139,6 +139,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     x.add_argument("--batch-tokens", type=int, default=2048, help="max padded tokens per forward pass [2048]")
 
     f = p.add_argument_group("fit")
+    f.add_argument(
+        "--method",
+        choices=P.METHODS,
+        default="hpr",
+        help="edit method to train: hpr (probe + angle MLP, the options below) or steer (an additive steering "
+        "vector per layer: mean positive minus mean negative activation; no options) [hpr]",
+    )
     f.add_argument("--epochs", type=int, default=5, help="training epochs [5]")
     f.add_argument("--batch-size", type=int, default=16, help="pairs per batch (each with all its aligned tokens) [16]")
     f.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate [5e-4]")
@@ -242,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> P.RunConfig:
             shard_mb=args.shard_mb,
             batch_tokens=args.batch_tokens,
         ),
+        method=args.method,
         fit=FitOptions(
             epochs=args.epochs,
             batch_pairs=args.batch_size,
@@ -272,7 +280,10 @@ STAGES: dict[str, tuple[str, Callable[[P.RunConfig, dict[str, Any]], Any]]] = {
     "run": ("every stage end to end (resumes whatever is done)", lambda c, m: P.run_all(c)),
     "data": ("load and split the data, write OUT/data.json", lambda c, m: P.stage_data(c)),
     "extract": ("cache decoder-layer activations of train/eval pairs in OUT/activations", P.stage_extract),
-    "fit": ("train every layer's HPR module, write OUT/checkpoint and OUT/fit.json", lambda c, m: P.stage_fit(c)),
+    "fit": (
+        "train every layer's module (--method), write OUT/checkpoint and OUT/fit.json",
+        lambda c, m: P.stage_fit(c),
+    ),
     "select": ("choose layers by eval probe accuracy, plot it", lambda c, m: P.stage_select(c)),
     "eval": ("TruthfulQA MC1/MC2 base vs edited, write OUT/eval.json", P.stage_eval),
 }

@@ -2,8 +2,9 @@
 
 ``OUT/data.json``            the questions of each split (indices), the prompt format, pair counts
 ``OUT/activations/{train,eval}``  activation stores (see trainer/store.py)
-``OUT/checkpoint/``          the HPR adapter (hpr_config.json + hpr_model.safetensors) + probe_accuracy.png
-``OUT/fit.json``             per-epoch training loss and eval probe accuracy per layer
+``OUT/checkpoint/``          the adapter (hpr_config.json + hpr_model.safetensors) + probe_accuracy.png; its method is
+                           ``--method``: ``hpr`` (default) or ``steer`` (a steering vector, trainer/steer.py)
+``OUT/fit.json``             per-epoch training loss and eval probe accuracy per layer (steer: accuracy only)
 ``OUT/eval.json``            MC1/MC2 base vs edited on the test split, CIs, per-question scores, sweeps
 """
 
@@ -34,11 +35,15 @@ from trainer.fit import FitOptions, fit
 from trainer.pairs import PairSet
 from trainer.prompts import PromptFormat, encode_all
 from trainer.select import plot_probe_accuracy, select_layers
+from trainer.steer import fit_steering
 from trainer.store import ActivationStore, atomic_write
 
 log = logging.getLogger(__name__)
 
 SCORING_ALPHA = 2.0  # the scoring-mode MC optimum on the eval split (docs/trainer.md)
+# What `select` records as default_alpha when --alpha is not given, per method ("steer": the plain mean difference).
+DEFAULT_ALPHA = {"hpr": SCORING_ALPHA, "steer": 1.0}
+METHODS = tuple(DEFAULT_ALPHA)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class RunConfig:
     max_pairs_per_question: int | None = None
     seed: int = 0
     extract: ExtractOptions = field(default_factory=ExtractOptions)
+    method: str = "hpr"  # the edit method `fit` trains: "hpr" or "steer"
     fit: FitOptions = field(default_factory=FitOptions)
     max_ram_mb: int = 8192
     top_k: int | None = 3  # chosen on the eval split (docs/trainer.md); the seed's default is 5
@@ -229,14 +235,20 @@ def _data_fingerprint(ds: Dataset, split: str) -> dict[str, Any]:
 
 def stage_fit(cfg: RunConfig) -> dict[str, Any]:
     """Train every layer; write the checkpoint (all layers, selection per top-k/threshold) and fit.json."""
+    if cfg.method not in METHODS:
+        raise TrainerError(f"--method must be one of {list(METHODS)}, got {cfg.method!r}")
     stores = {n: ActivationStore(cfg.activations_dir / n) for n in ("train", "eval")}
-    settings = {"fit": asdict(cfg.fit), "train_store": stores["train"].manifest.get("settings")}
+    settings: dict[str, Any] = {"fit": asdict(cfg.fit), "train_store": stores["train"].manifest.get("settings")}
+    if cfg.method != "hpr":  # HPR runs keep the settings (and so the checkpoints) they had before methods existed
+        settings = {"method": cfg.method, "train_store": settings["train_store"]}
     previous = _read_json(cfg.out / "fit.json")
     if previous and previous.get("settings") == settings and (cfg.checkpoint_dir / CONFIG_NAME).is_file():
         log.info("fit: checkpoint exists with the same settings, reused")
         return dict(previous)
     train = PairSet.from_store(stores["train"], cfg.max_ram_mb)
     evaluation = PairSet.from_store(stores["eval"], cfg.max_ram_mb)
+    if cfg.method == "steer":
+        return _fit_steering(cfg, settings, train, evaluation, stores["train"].manifest["settings"])
     result = fit(train, evaluation, cfg.fit, progress=cfg.progress)
     store_settings_ = stores["train"].manifest["settings"]
     num_layers, hidden = train.num_layers, train.hidden_size
@@ -272,6 +284,39 @@ def stage_fit(cfg: RunConfig) -> dict[str, Any]:
     return report
 
 
+def _fit_steering(
+    cfg: RunConfig, settings: dict[str, Any], train: PairSet, evaluation: PairSet, store: dict[str, Any]
+) -> dict[str, Any]:
+    steering = fit_steering(train, evaluation)
+    config = HPRConfig(
+        base_model=store["model"],
+        hidden_size=train.hidden_size,
+        num_layers=train.num_layers,
+        layers=list(range(train.num_layers)),
+        probe_accuracy=steering.eval_accuracy,
+        method="steer",
+        training={
+            "method": "steer: mean positive minus mean negative activation over aligned train token pairs",
+            "data": store["data"]["source"],
+            "extract": store["options"],
+            "train_pairs": train.num_pairs,
+            "eval_pairs": evaluation.num_pairs,
+        },
+    )
+    steering.to_adapter(config).save(cfg.checkpoint_dir)
+    norms = steering.vectors.norm(dim=-1).tolist()
+    report = {
+        "settings": settings,
+        "seconds": round(steering.seconds, 2),
+        "eval_probe_accuracy": steering.eval_accuracy,
+        "vector_norm": {layer: round(norm, 4) for layer, norm in enumerate(norms)},
+        "train_pairs": train.num_pairs,
+        "eval_pairs": evaluation.num_pairs,
+    }
+    _write_json(cfg.out / "fit.json", report)
+    return report
+
+
 def stage_select(cfg: RunConfig) -> dict[str, Any]:
     adapter = HPRAdapter.load(cfg.checkpoint_dir)
     accuracy = adapter.config.probe_accuracy
@@ -279,7 +324,7 @@ def stage_select(cfg: RunConfig) -> dict[str, Any]:
     adapter.config.selected_layers = selected
     adapter.config.training["selection"] = {"top_k": cfg.top_k, "min_accuracy": cfg.min_accuracy}
     # What a request that gives none is served with, and what `eval` scores unless told otherwise.
-    adapter.config.default_alpha = cfg.alpha if cfg.alpha is not None else SCORING_ALPHA
+    adapter.config.default_alpha = cfg.alpha if cfg.alpha is not None else DEFAULT_ALPHA[adapter.config.method]
     adapter.config.default_scope = cfg.scope or "all"
     adapter.save(cfg.checkpoint_dir)
     plot = plot_probe_accuracy(accuracy, selected, cfg.checkpoint_dir / "probe_accuracy.png")
