@@ -30,3 +30,8 @@ class EditSpec:
     @property
     def is_noop(self) -> bool:
         return not self.layers or self.alpha == 0.0
+
+    def first_edited_position(self, prompt_length: int) -> int:
+        """The scope rule, in one place: positions ≥ this are edited. ``all``: every position (0); ``generated``:
+        the last prompt token and every generated one (``prompt_length − 1``)."""
+        return 0 if self.scope == "all" else max(prompt_length - 1, 0)

@@ -138,8 +138,8 @@ class EditPlan:
             if spec is None or spec.is_noop:
                 pass
             elif spec.scope == "generated":
-                start = (self.prompt_lengths[i] if self.prompt_lengths is not None else int(positions[i].max()) + 1) - 1
-                row_mask = positions[i] >= start  # (T,)
+                prompt = self.prompt_lengths[i] if self.prompt_lengths is not None else int(positions[i].max()) + 1
+                row_mask = positions[i] >= spec.first_edited_position(prompt)  # (T,)
             if valid is not None and spec is not None and not spec.is_noop:
                 row_mask = valid[i] if row_mask is None else row_mask & valid[i]
             mask_cache[i] = row_mask

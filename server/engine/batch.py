@@ -82,7 +82,8 @@ class RequestState:
 
 
 def decode_spec(spec: EditSpec | None) -> EditSpec | None:
-    """The spec to use when every input token is a generated one: scope ``generated`` then equals ``all``."""
+    """The spec to use when every input token is a generated one: every position is then at or past
+    ``spec.first_edited_position(prompt)``, so scope ``generated`` equals ``all`` (and needs no positions)."""
     if spec is None or spec.is_noop:
         return None
     return replace(spec, scope="all") if spec.scope == "generated" else spec

@@ -179,7 +179,7 @@ class ModelRunner:
             spec = state.request.edit
             if spec is None or spec.is_noop:
                 continue
-            tokens = state.prompt_len if spec.scope == "all" else 1
+            tokens = state.prompt_len - spec.first_edited_position(state.prompt_len)
             for layer in spec.layers:
                 per_layer[layer] = per_layer.get(layer, 0) + tokens
         for layer, tokens in sorted(per_layer.items()):
