@@ -120,9 +120,14 @@ class HPRRequest(RequestModel):
 
 class HPRLayerStats(OpenAIModel):
     tokens: int = Field(description="Token positions the edit looked at in this layer (scope applied).")
-    rotated: int = Field(description="Of those, positions the probe judged negative and rotated.")
+    rotated: int = Field(
+        description="Of those, positions the edit changed (HPR: judged negative by the probe and rotated; a steering "
+        "vector: every one)."
+    )
     share_rotated: float = Field(description="rotated / tokens (0 when tokens is 0).")
-    mean_angle: float = Field(description="Mean rotation angle over rotated positions, in radians.")
+    mean_angle: float = Field(
+        description="Mean angle the changed positions were turned by, in radians (HPR: θ; steering: ∠(x, x'))."
+    )
 
 
 class HPRApplied(OpenAIModel):
