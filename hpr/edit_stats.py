@@ -62,12 +62,9 @@ class EditStatsCounter:
         """Add one forward pass's (or several's) sums (num_layers, len(SUMS)) of this request's row."""
         self._sums = sums.clone() if self._sums is None else self._sums + sums
 
-    def result(self, pending: Tensor | None = None) -> EditStats:
-        """The statistics so far (plus ``pending`` sums not added yet), read to the host once."""
-        sums = self._sums
-        if pending is not None:
-            sums = pending if sums is None else sums + pending
-        return EditStats.from_sums(sums, self.layers)
+    def result(self) -> EditStats:
+        """The statistics so far, read to the host once."""
+        return EditStats.from_sums(self._sums, self.layers)
 
 
 def empty_sums(rows: int, num_layers: int, device: torch.device) -> Tensor:

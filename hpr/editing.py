@@ -105,10 +105,6 @@ class EditPlan:
                 counter.add(self.sums[row])
         self.sums = None
 
-    def pending(self, row: int) -> Tensor | None:
-        """Sums of ``row`` not flushed yet (for :meth:`EditStatsCounter.result`)."""
-        return self.sums[row] if self.sums is not None else None
-
     def compile(self, seq_len: int, device: torch.device) -> None:
         """Build the per-layer groups (index tensors on ``device``) for an input of ``seq_len`` tokens.
 
