@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -286,8 +285,6 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
     timings["generate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if opts.threads is None:  # the server has stopped: scoring may use every core
-        torch.set_num_threads(os.cpu_count() or 1)
     prompts = [chat_prompt_ids(lm.tokenizer, text) for text in texts]
     mismatched = [i for i, p in enumerate(prompts) if len(p) != answers[(BASE, i)].prompt_tokens]
     if mismatched:
