@@ -1,7 +1,6 @@
 """hpr — the shared core of hpr-serve: edit methods (HPR, steering vectors), checkpoints, the adapter registry,
 per-row edits hooked into a Hugging Face model, model loading."""
 
-from hpr.atomic_write import atomic_write
 from hpr.checkpoint import HPRAdapter, HPRConfig
 from hpr.edit_module import EditModule, EditResult
 from hpr.edit_spec import EditSpec, Scope
@@ -45,7 +44,6 @@ __all__ = [
     "Scope",
     "SteeringVector",
     "UnknownAdapterError",
-    "atomic_write",
     "get_method",
     "householder_rotate",
     "load_model",

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 import pytest
 
+import hpr.atomic_write as module
 from hpr.atomic_write import atomic_write
-
-# hpr re-exports the function under the module's name: reach the module itself to patch its os.
-module = importlib.import_module("hpr.atomic_write")
 
 
 def test_writes_fsyncs_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
