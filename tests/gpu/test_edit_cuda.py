@@ -69,7 +69,7 @@ def test_edit_hook_never_syncs_the_host(cuda_bf16: LoadedModel) -> None:
             edited = cuda_bf16.model(input_ids=ids).logits
             cuda_bf16.model(input_ids=ids)  # the plan is compiled now: the steady state
         torch.cuda.synchronize()
-    assert plan.stats is not None and float(plan.stats[:, :, 1].sum()) > 0
+    assert plan.sums is not None and float(plan.sums[:, :, 1].sum()) > 0  # (B, layers, SUMS): 1 = changed
     with torch.inference_mode():
         base = cuda_bf16.model(input_ids=ids).logits
     assert edited.dtype == torch.bfloat16 and bool(torch.isfinite(edited).all())

@@ -18,23 +18,9 @@ from hpr.model import LoadedModel
 from server.engine.engine import Engine
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 from tests.gpu.conftest import ADAPTER, REQUIRES_CUDA, chat_ids, smollm2_adapter
+from tests.server.engine.conftest import StepSizes
 
 pytestmark = REQUIRES_CUDA
-
-
-class StepSizes:
-    """Observer: rows per decode step (proof that requests shared forward passes)."""
-
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_step(self, batch_size: int) -> None:
-        self.sizes.append(batch_size)
-
-    def on_first_token(self, request_id: str, seconds: float) -> None: ...
-    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
-    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
-    def on_edit(self, layer: int, tokens: int) -> None: ...
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,18 @@ def make_engine(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> Callable[..
 
 async def aiter_outputs(it: AsyncIterator[GenerationOutput]) -> list[GenerationOutput]:
     return [o async for o in it]
+
+
+class StepSizes:
+    """Engine observer recording the rows of every step: proof that requests shared forward passes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_step(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
+    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_edit(self, layer: int, tokens: int) -> None: ...

@@ -24,7 +24,7 @@ from server.engine.types import (
     QueueFullError,
     SamplingParams,
 )
-from tests.server.engine.conftest import collect, joined, run
+from tests.server.engine.conftest import StepSizes, collect, joined, run
 
 NO_SPECIALS = {i: -100.0 for i in range(6)}  # the random tiny model likes special tokens, which decode to ""
 
@@ -370,25 +370,12 @@ def test_max_queue_zero_admits_while_a_slot_is_free_and_refuses_when_full(
     run(main())
 
 
-class _StepSizes:
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_step(self, batch_size: int) -> None:
-        self.sizes.append(batch_size)
-
-    def on_first_token(self, request_id: str, seconds: float) -> None: ...
-    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
-    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
-    def on_edit(self, layer: int, tokens: int) -> None: ...
-
-
 @pytest.mark.parametrize(("window", "together"), [(0.2, True), (0.0, False)])
 def test_an_idle_engine_gathers_requests_sent_moments_apart(
     tiny_loaded: LoadedModel, make_engine: Any, window: float, together: bool
 ) -> None:
     """The two columns of an A/B comparison arrive a few ms apart; both must be in the first step."""
-    observer = _StepSizes()
+    observer = StepSizes()
 
     async def main() -> None:
         async with make_engine(gather_window=window, observer=observer) as engine:

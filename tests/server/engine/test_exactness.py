@@ -10,7 +10,7 @@ from hpr.editing import EditPlan, EditSpec, HPREditor
 from hpr.model import LoadedModel
 from server.engine.engine import Engine
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
-from tests.server.engine.conftest import collect, joined, run
+from tests.server.engine.conftest import StepSizes, collect, joined, run
 
 STEPS = 8
 TOL = 1e-4
@@ -71,21 +71,6 @@ def edit_cases(editor: HPREditor) -> list[EditSpec | None]:
 def prompts_for(loaded: LoadedModel, n: int) -> list[list[int]]:
     texts = ["Hi", "The cat sat on the mat.", "x", "Once upon a time, in a land far away", "1 2 3 4"]
     return [loaded.tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
-
-
-class StepSizes:
-    """Engine observer recording the rows of every decode step."""
-
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_step(self, batch_size: int) -> None:
-        self.sizes.append(batch_size)
-
-    def on_first_token(self, request_id: str, seconds: float) -> None: ...
-    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
-    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
-    def on_edit(self, layer: int, tokens: int) -> None: ...
 
 
 def test_concurrent_requests_with_different_edits_match_each_alone(
