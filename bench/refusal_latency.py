@@ -13,22 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 
-HPR_SERVE = Path(sys.executable).parent / "hpr-serve"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from hpr.model import EMBEDDED_MODEL_ID
+from trainer.gen_client import LocalServer
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -60,20 +51,6 @@ async def _burst(base_url: str, concurrency: int, max_tokens: int) -> list[tuple
         return list(await asyncio.gather(*tasks))
 
 
-def _wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"hpr-serve exited with status {process.returncode}")
-        try:
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("hpr-serve did not become ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, default=256)
@@ -85,26 +62,20 @@ def main() -> None:
     parser.add_argument("--base-url", default=None, help="measure a running server instead of starting one")
     args = parser.parse_args()
 
-    process = None
-    base_url = args.base_url
-    if base_url is None:
-        port = _free_port()
-        command = [str(HPR_SERVE), "--port", str(port), "--max-batch-size", str(args.max_batch_size),
-                   "--max-queue", str(args.max_queue), "--num-threads", str(args.num_threads),
-                   "--log-level", "warning"]  # fmt: skip
-        if args.model:
-            command += ["--model", args.model]
-        process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(args.num_threads)})
-        base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base_url, process) if process is not None else None
+    def measure(base_url: str) -> tuple[list[tuple[int, float]], float, float]:
         load_before = os.getloadavg()[0]
         results = asyncio.run(_burst(base_url, args.concurrency, args.max_tokens))
-        load_after = os.getloadavg()[0]
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
+        return results, load_before, os.getloadavg()[0]
+
+    if args.base_url is not None:
+        results, load_before, load_after = measure(args.base_url)
+    else:
+        flags = ["--max-queue", str(args.max_queue)]
+        with LocalServer(
+            args.model or EMBEDDED_MODEL_ID, {}, threads=args.num_threads, max_batch_size=args.max_batch_size,
+            extra_args=flags,
+        ) as server:  # fmt: skip
+            results, load_before, load_after = measure(server.root_url)
     refused = [seconds for status, seconds in results if status == 429]
     served = [seconds for status, seconds in results if status == 200]
     other = sorted({status for status, _ in results} - {200, 429})

@@ -10,41 +10,18 @@ both streams and saves a screenshot of the whole page. Needs ``apt-get install c
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
 
+from hpr.model import EMBEDDED_MODEL_ID  # noqa: E402
 from tests.server.browser import chromium  # noqa: E402
+from trainer.gen_client import LocalServer  # noqa: E402
 
 QUESTION = "Do vaccines cause autism?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(base_url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"hpr-serve exited with status {server.returncode}")
-        try:
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"hpr-serve not ready after {timeout:.0f} s")
 
 
 def take_screenshot(base_url: str, out: Path, question: str, max_tokens: int) -> None:
@@ -93,17 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.checkpoint / "hpr_config.json").exists():
         raise SystemExit(f"no checkpoint at {args.checkpoint}: run `make checkpoint` first")
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "server.cli", "--adapter", f"truthfulqa={args.checkpoint}",
-               "--port", str(port), "--num-threads", str(args.num_threads), "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        wait_ready(base_url, server, timeout=600)
-        take_screenshot(base_url, args.out, args.question, args.max_tokens)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    adapters = {"truthfulqa": args.checkpoint}
+    with LocalServer(EMBEDDED_MODEL_ID, adapters, threads=args.num_threads, startup_timeout=600) as server:
+        take_screenshot(server.root_url, args.out, args.question, args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def _serve_command() -> str:
 
 
 class LocalServer:
-    """``hpr-serve`` on 127.0.0.1 in a subprocess, for the length of a ``with`` block; its log goes to a file."""
+    """``hpr-serve`` on 127.0.0.1 in a subprocess, for the length of a ``with`` block; its log goes to a file.
+
+    Also what bench/ and docs/ scripts start their server with (``extra_args``: any further ``hpr-serve`` flags)."""
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class LocalServer:
         threads: int | None = None,
         max_batch_size: int = 32,
         startup_timeout: float = 300.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = _free_port()
         self.command = [
@@ -81,13 +84,18 @@ class LocalServer:
             self.command += ["--adapter", f"{name}={path}"]
         if threads:
             self.command += ["--num-threads", str(threads)]
+        self.command += list(extra_args)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="hpr-eval-gen-server-", suffix=".log")[1])
 
     @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return self.root_url + "/v1"
 
     def __enter__(self) -> LocalServer:
         with self.log.open("wb") as log:
