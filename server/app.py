@@ -14,6 +14,7 @@ from server.playground import router as playground_router
 from server.request_id import RequestIdMiddleware
 from server.routes import admin_router, router
 from server.runtime import EngineFactory, default_engine_factory, make_lifespan
+from server.serving.admission import RefuseWhenFull
 from server.settings import ServerSettings
 
 
@@ -45,8 +46,10 @@ def create_app(settings: ServerSettings | None = None, *, engine_factory: Engine
         app.include_router(admin_router)
     install_error_handlers(app)
     install_openapi(app)
-    # Added innermost first: a request meets request id → metrics → CORS → API key → body limit → routes.
+    # Added innermost first: a request meets request id → metrics → CORS → API key → refusal when full → body limit
+    # → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RefuseWhenFull)
     keys = settings.api_keys()
     if settings.admin_key is not None and settings.admin_key in keys:  # --api-key-file is read only now
         raise ValueError("--admin-key must differ from every API key (--api-key, --api-key-file)")

@@ -70,6 +70,7 @@ def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) 
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
+        prefill_chunk=settings.prefill_chunk or None,
     )
     return engine
 
@@ -201,12 +202,12 @@ def make_lifespan(engine_factory: EngineFactory) -> Callable[[FastAPI], Any]:
 # --- dependencies ------------------------------------------------------------------------------------------------
 
 
-def get_settings(request: Request) -> ServerSettings:
+async def get_settings(request: Request) -> ServerSettings:  # async: no thread-pool hop per request
     settings: ServerSettings = request.app.state.settings
     return settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     """The loaded runtime, or a 503 while loading, after a failed load, or while shutting down."""
     state = request.app.state
     runtime: Runtime | None = getattr(state, "runtime", None)

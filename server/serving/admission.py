@@ -4,14 +4,22 @@ The server holds at most ``max_batch_size + max_queue`` generations (running or 
 :class:`Ticket` for its generations (``n``, or prompts × ``n``) first thing, and gives it back when its response or
 stream ends. A request that could never fit is a 400 on ``n``; one that does not fit now is a 429 (the engine
 keeps its own check as the last word).
+
+When the server is already full, :class:`RefuseWhenFull` answers a generation request with the same 429 before its
+body is even read: under a burst, the refusals then cost a few header checks each instead of waiting behind the
+parsing, validation and templating of the requests that were admitted.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from server.engine.types import QueueFullError
-from server.errors import APIError
+from server.errors import APIError, to_api_error
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 class Ticket:
@@ -55,9 +63,34 @@ class Admission:
                 code="invalid_value",
             )
         if self.held + choices > self.capacity:
-            raise QueueFullError(
-                f"the server is full ({self.held} generations running or queued, at most {self.capacity}); retry later",
-                retry_after=1.0,
-            )
+            raise self.full_error()
         self.held += choices
         return Ticket(self, choices)
+
+    @property
+    def full(self) -> bool:
+        """No request, however small, fits now."""
+        return self.held >= self.capacity
+
+    def full_error(self) -> QueueFullError:
+        return QueueFullError(
+            f"the server is full ({self.held} generations running or queued, at most {self.capacity}); retry later",
+            retry_after=1.0,
+        )
+
+
+class RefuseWhenFull:
+    """ASGI middleware: a generation request that arrives while the server is full gets its 429 at once, before the
+    body is read, parsed and validated (an invalid body that arrives then is told to retry, not what is wrong)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in GENERATION_PATHS:
+            app = scope.get("app")
+            runtime = getattr(getattr(app, "state", None), "runtime", None)
+            if runtime is not None and runtime.admission.full:
+                await to_api_error(runtime.admission.full_error()).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -20,6 +20,8 @@ from tests.server.test_errors import assert_envelope
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
+JSON_TYPE = {"Content-Type": "application/json"}
+
 
 def slow_engine(settings: ServerSettings, registry: Any) -> FakeEngine:
     return FakeEngine(settings, registry, step_delay=0.05)
@@ -62,11 +64,17 @@ def test_over_capacity_is_refused_before_templating_or_tokenizing(
         assert response.headers["retry-after"] == "1"
         assert_envelope(httpx.post(live.api_base + "/completions", json={"prompt": "y", "stream": True}), 429)
         assert calls == tokenized  # neither refusal reached the chat template nor the tokenizer
+        # Full: refused before the body is read, so even a body that is not JSON is told to retry.
+        garbled = httpx.post(live.api_base + "/chat/completions", content=b"{not json", headers=JSON_TYPE)
+        assert_envelope(garbled, 429, code="queue_full")
         for thread in busy:
             thread.join()
         assert live.app.state.runtime.admission.held == 0  # every ticket was given back
         assert httpx.post(live.api_base + "/chat/completions", json=CHAT).status_code == 200
         assert calls["render_chat"] == 1
+        # Not full: the same body is read and refused for what it is.
+        garbled = httpx.post(live.api_base + "/chat/completions", content=b"{not json", headers=JSON_TYPE)
+        assert assert_envelope(garbled, 400)["code"] != "queue_full" and "json" in garbled.text.lower()
 
 
 def test_n_beyond_what_the_server_can_hold_is_400_saying_why(tiny_settings: ServerSettings) -> None:
