@@ -62,6 +62,13 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(
         default=None, ge=1, description="Context length (prompt + generated tokens); default: the model's own."
     )
+    prefill_chunk: int = Field(
+        default=256,
+        ge=0,
+        description="Prompt tokens per prefill forward (summed over requests prefilled together); a longer prefill "
+        "runs in chunks between decode steps, so running streams keep a bounded inter-token latency. 0: whole "
+        "prompts.",
+    )
     api_key: StrList = Field(
         default_factory=list, description="Accepted API key (Bearer token). Without any key, no authentication."
     )

@@ -220,16 +220,41 @@ class PrefillInputs:
             pad=pad.to(device),
         )
 
-    def edit_plan(self, requests: Sequence[RequestState]) -> EditPlan | None:
+    @property
+    def columns(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Columns ``start:stop`` as one forward's inputs after ``start`` columns already in the cache:
+        ``(ids, positions, mask, valid)`` with the mask (N, 1, stop - start, stop) over cache + chunk."""
+        if start == 0 and stop == self.columns:
+            return self.input_ids, self.position_ids, self.attention_mask, self.valid
+        keys = torch.arange(stop, device=self.valid.device)  # (stop,)
+        queries = keys[start:stop]  # (c,)
+        causal = queries[:, None] >= keys[None, :]  # (c, stop)
+        diagonal = queries[:, None] == keys[None, :]
+        mask = causal[None] & (self.valid[:, None, :stop] | diagonal[None])  # (N, c, stop): a pad query sees itself
+        return (
+            self.input_ids[:, start:stop],
+            self.position_ids[:, start:stop],
+            mask[:, None],  # explicit even without padding: SDPA's own causal mask is wrong once q ≠ k
+            self.valid[:, start:stop],
+        )
+
+    def edit_plan(self, requests: Sequence[RequestState], start: int = 0, stop: int | None = None) -> EditPlan | None:
+        """The edit plan of columns ``start:stop`` (default: all of them)."""
         specs = [
             r.request.edit if r.request.edit is not None and not r.request.edit.is_noop else None for r in requests
         ]
         if all(s is None for s in specs):
             return None
+        stop = self.columns if stop is None else stop
+        valid = self.valid[:, start:stop]
+        positions = self.position_ids[:, start:stop]
         return EditPlan(
             rows=specs,
-            positions=torch.where(self.valid, self.position_ids, torch.full_like(self.position_ids, -1)),
+            positions=torch.where(valid, positions, torch.full_like(positions, -1)),
             prompt_lengths=[r.prompt_len for r in requests],
             collect_stats=any(r.stats is not None for r in requests),
-            valid=self.valid,
+            valid=valid,
         )

@@ -1,8 +1,9 @@
 """The engine: one model, one engine thread doing continuous batching, an asyncio front.
 
 Each loop iteration of the engine thread (1) drops rows whose client left or that hit a stop string, (2) prefills
-waiting requests while the running batch has room (several at once, left-padded) and joins them to it, and
-(3) runs ONE forward pass over every running row, each row with its own HPR edit, and picks one token per row.
+waiting requests while the running batch has room (several at once, left-padded; with ``prefill_chunk``, one
+chunk of their prompts per iteration) and joins them to it once prefilled, and (3) runs ONE forward pass over
+every running row, each row with its own HPR edit, and picks one token per row.
 Results go to each request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe`` (once per loop per step);
 the consumer side (:meth:`Engine.generate`) turns token ids into text and applies stop strings, so tokenizer
 work stays off the engine thread.
@@ -38,7 +39,7 @@ from hpr.model import LoadedModel
 from hpr.registry import AdapterRegistry
 from server.engine.batch import Batch, EngineEvent, RequestState
 from server.engine.output import OutputBuilder
-from server.engine.runner import ModelRunner, StepOutcome
+from server.engine.runner import ModelRunner, PrefillJob, StepOutcome
 from server.engine.sampling import new_generator
 from server.engine.types import (
     EngineObserver,
@@ -71,6 +72,9 @@ class Engine:
         gather_window: seconds an idle engine waits, after a request arrives, for others to join its first
             step: the columns of an A/B comparison, or a client's concurrent requests, sent a few ms apart, then
             start together instead of one a whole prefill behind the other. Costs a lone request that much TTFT.
+        prefill_chunk: prompt tokens (summed over the newcomers prefilled together) per prefill forward at most;
+            a longer prefill runs in chunks, one between two decode steps of the running streams, so their
+            inter-token latency stays bounded while newcomers arrive (chunked prefill). None: whole prompts.
     """
 
     def __init__(
@@ -84,9 +88,12 @@ class Engine:
         max_prefill_tokens: int = 4096,
         observer: EngineObserver | None = None,
         gather_window: float = 0.01,
+        prefill_chunk: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be ≥ 1 (or None: whole prompts)")
         self.loaded = loaded
         self.info = ModelInfo.from_loaded(loaded, max_model_len)
         self.registry = registry
@@ -97,6 +104,7 @@ class Engine:
         self.max_model_len = self.info.max_model_len
         self.max_prefill_tokens = max_prefill_tokens
         self.gather_window = gather_window
+        self.prefill_chunk = prefill_chunk
         self.observer = observer
         self.vocab_size = self.info.vocab_size
         self.eos_ids = _eos_ids(loaded)
@@ -252,21 +260,29 @@ class Engine:
     # ---- engine thread --------------------------------------------------------------------------------------
     def _loop(self) -> None:
         batch: Batch | None = None
+        job: PrefillJob | None = None  # newcomers being prefilled, a chunk per iteration
         try:
             with torch.inference_mode():
                 while True:
+                    newcomers: list[RequestState] = []
                     with self._lock:
-                        while not self._waiting and batch is None and not self._stopping:
+                        while not self._waiting and batch is None and job is None and not self._stopping:
                             self._lock.wait()
-                        if self._abort or (self._stopping and batch is None and not self._waiting):
+                        if self._abort or (self._stopping and batch is None and job is None and not self._waiting):
                             break
-                        room = self.max_batch_size - (len(batch) if batch is not None else 0)
-                        if batch is None:
-                            self._gather(room)
-                        newcomers = self._take_newcomers(room)
+                        if job is None:
+                            room = self.max_batch_size - (len(batch) if batch is not None else 0)
+                            if batch is None:
+                                self._gather(room)
+                            newcomers = self._take_newcomers(room)
                     batch = self._drop_cancelled(batch)
                     if newcomers:
-                        batch = self._admit(batch, newcomers)
+                        job = self.runner.start_prefill(newcomers, self.prefill_chunk)
+                    if job is not None:
+                        outcome = self.runner.prefill_step(job)
+                        if outcome is not None:  # the last chunk: the newcomers have their first tokens
+                            job = None
+                            batch = self._join(batch, outcome)
                     if batch is not None:
                         batch = self._apply(self.runner.decode(batch), len(batch))
         except BaseException as exc:  # the loop itself broke: fail everyone rather than hang them
@@ -304,8 +320,8 @@ class Engine:
             longest = longest_if
         return taken
 
-    def _admit(self, batch: Batch | None, newcomers: list[RequestState]) -> Batch | None:
-        outcome = self.runner.prefill(newcomers)
+    def _join(self, batch: Batch | None, outcome: StepOutcome) -> Batch | None:
+        """Deliver a finished prefill's first tokens and join its rows to the running batch."""
         self._observe_tokens(outcome)
         joined = self._apply(outcome, None)
         parts = [b for b in (batch, joined) if b is not None]

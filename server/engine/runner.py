@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,23 @@ class StepOutcome:
     batch: Batch | None
     events: list[tuple[RequestState, EngineEvent]]
     finished: list[RequestState]
+
+
+@dataclass
+class PrefillJob:
+    """Newcomers being prefilled: ``columns`` columns of their left-padded prompts per forward, ``done`` so far.
+    The engine runs one chunk per loop iteration, between decode steps of the running batch (chunked prefill)."""
+
+    states: list[RequestState]
+    inputs: PrefillInputs
+    cache: BatchKVCache
+    columns: int
+    done: int = 0
+    hidden: list[Tensor] = field(default_factory=list)  # the earlier chunks' last hidden states (prompt logprobs)
+
+    @property
+    def chunks_left(self) -> int:
+        return -(-(self.inputs.columns - self.done) // self.columns)
 
 
 @dataclass
@@ -100,8 +117,14 @@ class ModelRunner:
             return self._prefill(states)
         except Exception as exc:
             if len(states) == 1:
-                log.exception("prefill failed for request %s", states[0].request_id)
-                return StepOutcome(None, [(states[0], EngineEvent(error=exc))], [states[0]])
+                return self._fail_prefill(states[0], exc)
+        return self._prefill_each(states)
+
+    def _fail_prefill(self, state: RequestState, exc: Exception) -> StepOutcome:
+        log.error("prefill failed for request %s", state.request_id, exc_info=exc)
+        return StepOutcome(None, [(state, EngineEvent(error=exc))], [state])
+
+    def _prefill_each(self, states: Sequence[RequestState]) -> StepOutcome:
         outcomes = [self.prefill([s]) for s in states]
         batches = [o.batch for o in outcomes if o.batch is not None]
         return StepOutcome(
@@ -111,36 +134,78 @@ class ModelRunner:
         )
 
     def _prefill(self, states: Sequence[RequestState]) -> StepOutcome:
+        job = self.start_prefill(states, None)
+        outcome = self._prefill_chunk(job)
+        assert outcome is not None  # one chunk: the whole prompt
+        return outcome
+
+    def start_prefill(self, states: Sequence[RequestState], chunk_tokens: int | None) -> PrefillJob:
+        """A prefill of ``states`` (left-padded together) in forwards of at most ``chunk_tokens`` tokens summed over
+        the rows (at least one column each); None: in one forward."""
         prompts = [s.request.prompt_ids for s in states]
         inputs = PrefillInputs.build(prompts, self.pad_id, self.device)
-        plan = inputs.edit_plan(states)
-        cache = BatchKVCache(self.num_layers)
+        columns = inputs.columns if not chunk_tokens else max(1, chunk_tokens // len(states))
+        return PrefillJob(list(states), inputs, BatchKVCache(self.num_layers), columns)
+
+    def prefill_step(self, job: PrefillJob) -> StepOutcome | None:
+        """The next chunk of ``job``: None while columns are left, the prefill's outcome (first tokens, the batch to
+        decode) after the last. If a chunk fails, the requests are prefilled again whole, a failing one alone."""
+        try:
+            return self._prefill_chunk(job)
+        except Exception as exc:
+            if len(job.states) == 1:
+                return self._fail_prefill(job.states[0], exc)
+            log.warning("prefill of %d requests failed; prefilling them one by one", len(job.states), exc_info=exc)
+        return self._prefill_each(job.states)
+
+    def _prefill_chunk(self, job: PrefillJob) -> StepOutcome | None:
+        states = job.states
+        start, stop = job.done, min(job.done + job.columns, job.inputs.columns)
+        ids, positions, mask, _valid = job.inputs.chunk(start, stop)
+        plan = job.inputs.edit_plan(states, start, stop)
         want_prompt_logprobs = [s.request.sampling.prompt_logprobs for s in states]
+        last = stop == job.inputs.columns
+        if not last:  # no logits yet: the decoder alone, its hidden states kept only for prompt logprobs
+            with self.editor.apply(plan):
+                out = self._decoder()(
+                    input_ids=ids, position_ids=positions, attention_mask=self._mask(mask), cache=job.cache,
+                    use_cache=True,
+                )  # fmt: skip
+            if any(want_prompt_logprobs):
+                job.hidden.append(out.last_hidden_state)
+            if plan is not None:
+                plan.flush_stats([s.stats for s in states])
+            job.done = stop
+            return None
         captured: dict[str, Tensor] = {}
         handle = None
         if any(want_prompt_logprobs):
             handle = self._decoder().register_forward_hook(_capture_last_hidden(captured))
         try:
-            logits = self._forward(inputs.input_ids, inputs.position_ids, inputs.attention_mask, cache, plan)  # (N, V)
+            logits = self._forward(ids, positions, mask, job.cache, plan)  # (N, V)
         finally:
             if handle is not None:
                 handle.remove()
+        job.done = stop
         if plan is not None:
             plan.flush_stats([s.stats for s in states])
-            self._report_prefill_edits(states, plan)
+        self._report_prefill_edits(states, job.inputs.edit_plan(states))
         sampling = SamplingState.build(
             [s.request.sampling for s in states],
             [s.generator for s in states],
-            prompts,
+            [s.request.prompt_ids for s in states],
             self.vocab_size,
             self.device,
         )
-        batch = Batch(requests=list(states), cache=cache, pad=inputs.pad, next_tokens=inputs.pad, sampling=sampling)
+        pad = job.inputs.pad
+        batch = Batch(requests=list(states), cache=job.cache, pad=pad, next_tokens=pad, sampling=sampling)
         prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]] | None]] = {}
-        for row, state in enumerate(states):
-            if want_prompt_logprobs[row]:
-                hidden = captured["hidden"][row, int(inputs.pad[row]) :]  # (T_i, h)
-                prompt_logprobs[row] = self._prompt_logprobs(hidden, state)
+        if any(want_prompt_logprobs):
+            hidden_all = torch.cat([*job.hidden, captured["hidden"]], dim=1)  # (N, T, h)
+            for row, state in enumerate(states):
+                if want_prompt_logprobs[row]:
+                    hidden = hidden_all[row, int(pad[row]) :]  # (T_i, h)
+                    prompt_logprobs[row] = self._prompt_logprobs(hidden, state)
         scoring_only = [s.max_new_tokens == 0 for s in states]
         return self._finish_step(batch, logits, prompt_logprobs, skip_rows=scoring_only)
 
@@ -171,8 +236,8 @@ class ModelRunner:
                 result.append((int(targets[j]), value, list(zip(top_ids[j], top_lps[j], strict=True))))
         return result
 
-    def _report_prefill_edits(self, states: Sequence[RequestState], plan: EditPlan) -> None:
-        if self.on_edit is None:
+    def _report_prefill_edits(self, states: Sequence[RequestState], plan: EditPlan | None) -> None:
+        if self.on_edit is None or plan is None:
             return
         per_layer: dict[int, int] = {}
         for state in states:
