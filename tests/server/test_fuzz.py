@@ -30,9 +30,9 @@ MAX_EXAMPLES = 10  # per operation
 # A valid request may ask for n=58 choices of up to ~1000 tokens each: on the tiny model that took over 20 s once
 # (a CI run of this test). Slow is not wrong; the hard wall budget below still bounds the whole run.
 REQUEST_TIMEOUT_S = 60
-# The whole run: ~2.5 min on this 2-core box at load 3-4 with 20 examples, but over 3 min at load 5 even with 10, so
-# the hard bound leaves room for a busy CI machine; docs/server.md gives the measured times.
-WALL_BUDGET_S = 300
+# The whole run, bounded to the 3 minutes the hardening issue allows: 122 s on this 2-core box when otherwise idle
+# (1,687 cases), over 3 min only when three or more other jobs share the cores; docs/server.md gives the times.
+WALL_BUDGET_S = 180
 CHECKS = "not_a_server_error,negative_data_rejection,positive_data_acceptance,content_type_conformance,response_schema_conformance"  # noqa: E501
 
 
