@@ -1,0 +1,196 @@
+"""One person's chat: batch-1 decode speed in-process and over HTTP, against HF ``generate`` and the memory bound.
+
+All in one run, on the embedded SmolLM2 in fp32 with ``--threads`` torch threads (default 1), rounds in ABBA order:
+
+- **bound**: the fastest a decode step can be when it only streams the weights. Measured two ways on this machine:
+  (a) ``weights-GEMV``: one matrix-vector product with every weight matrix of the model (what a batch-1 step must
+  at least do), timed back to back; (b) ``read``: ``torch.sum`` over a buffer of the model's size. tok/s = 1 / time.
+- **HF generate**: ``model.generate`` at batch 1, greedy, no edit (eager, HF's dynamic cache).
+- **engine**: ``Engine.generate`` in this process, batch 1, with the trained adapter's default edit
+  (``--adapter``, default ``runs/truthfulqa/checkpoint``; none if missing).
+- **HTTP**: the same request streamed from ``hpr-serve`` (a subprocess with the same adapter) by a minimal
+  asyncio client; the clock runs from the first streamed token to the last.
+
+Decode tok/s = (tokens − 1) / (time of the last token − time of the first), so prefill is left out everywhere.
+
+    .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+from hpr.checkpoint import HPRAdapter
+from hpr.editing import HPREditor
+from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
+from server.engine.engine import Engine
+from server.engine.types import GenerationRequest, SamplingParams
+from trainer.gen_client import LocalServer
+
+PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
+
+
+def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every distinct 2-D weight (the tied embedding / LM head once)."""
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if p.dim() == 2 and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            out.append(p.detach())
+    return out
+
+
+def bound_gemv(mats: list[torch.Tensor]) -> float:
+    vecs = [torch.randn(m.shape[1]) for m in mats]
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for m, v in zip(mats, vecs, strict=True):
+            torch.mv(m, v)
+        best = min(best, time.perf_counter() - t)
+    return 1 / best
+
+
+def bound_read(nbytes: int) -> tuple[float, float]:
+    buf = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9, 1 / best
+
+
+def decode_rate(stamps: list[float], tokens: int) -> float:
+    return (tokens - 1) / (stamps[-1] - stamps[0])
+
+
+def hf_generate(loaded: LoadedModel, ids: list[int], n: int) -> float:
+    stamps: list[float] = []
+
+    class Clock:
+        def put(self, _value: torch.Tensor) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    inputs = torch.tensor([ids])
+    with torch.inference_mode():
+        loaded.model.generate(  # type: ignore[operator]
+            inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            streamer=Clock(), pad_token_id=loaded.tokenizer.eos_token_id,
+        )  # fmt: skip
+    return decode_rate(stamps[1:], n)  # the streamer's first put is the prompt
+
+
+async def engine_generate(engine: Engine, ids: list[int], n: int, edit: object, tag: str) -> float:
+    sampling = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    stamps: list[float] = []
+    async for out in engine.generate(GenerationRequest(tag, ids, sampling, edit=edit)):  # type: ignore[arg-type]
+        stamps.extend([time.perf_counter()] * len(out.token_ids))
+    return decode_rate(stamps, n)
+
+
+async def http_stream(root_url: str, ids: list[int], n: int, adapter: str | None, model: str) -> float:
+    host, port = root_url.removeprefix("http://").split(":")
+    body: dict[str, object] = {
+        "model": model, "prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+    if adapter:
+        body["hpr"] = {"adapter": adapter}
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+    stamps: list[float] = []
+    while line := await reader.readline():
+        if line.startswith(b"data: {") and b'"text"' in line:
+            stamps.append(time.perf_counter())
+    writer.close()
+    if not stamps:
+        raise RuntimeError("no token was streamed")
+    # A frame may carry more than one token (text held back until it decodes), so the rate is the n - 1 tokens
+    # after the first frame over the time to the last frame.
+    return (n - 1) / (stamps[-1] - stamps[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA cycles")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--adapter", type=Path, default=Path("runs/truthfulqa/checkpoint"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32")
+    ids = list(loaded.tokenizer(PROMPT)["input_ids"])
+    adapters = {}
+    if args.adapter.exists():
+        adapters["a"] = HPRAdapter.load(args.adapter, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
+    editor = HPREditor(loaded.model, adapters)
+    engine = Engine(loaded, editor.registry)
+    edit = editor.resolve("a") if adapters else None
+    mats = weight_matrices(loaded.model)
+    nbytes = sum(m.numel() * m.element_size() for m in mats)
+    print(
+        f"SmolLM2 fp32, {args.threads} thread(s), {args.tokens} tokens, edit {edit}; weights {nbytes / 1e6:.0f} MB; "
+        f"load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    results: dict[str, list[float]] = {"bound (weights-GEMV)": [], "HF generate": [], "engine": [], "HTTP": []}
+    loop = asyncio.new_event_loop()
+    engine.start()
+    paths = {"a": args.adapter} if adapters else {}
+    try:
+        with LocalServer(EMBEDDED_MODEL_ID, paths, "cpu", "float32", args.threads) as server:
+            runs: dict[str, Callable[[], float]] = {
+                "bound (weights-GEMV)": lambda: bound_gemv(mats),
+                "HF generate": lambda: hf_generate(loaded, ids, args.tokens),
+                "engine": lambda: loop.run_until_complete(
+                    engine_generate(engine, ids, args.tokens, edit, f"b1-{time.time()}")
+                ),
+                "HTTP": lambda: loop.run_until_complete(
+                    http_stream(server.root_url, ids, args.tokens, "a" if adapters else None, EMBEDDED_MODEL_ID)
+                ),
+            }
+            for run in runs.values():  # warm-up, not counted
+                run()
+            names = list(runs)
+            for _ in range(args.rounds):
+                for name in names + names[::-1]:
+                    results[name].append(runs[name]())
+            gbs, read_tps = bound_read(nbytes)
+    finally:
+        loop.run_until_complete(engine.stop(drain_timeout=10))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print("what | decode tok/s (median; runs)")
+    for name, values in results.items():
+        print(f"{name} | {med[name]:.1f}; {', '.join(f'{v:.1f}' for v in values)}")
+    print(f"bound (read, torch.sum over {nbytes / 1e6:.0f} MB) | {read_tps:.1f} ({gbs:.1f} GB/s)")
+    bound = med["bound (weights-GEMV)"]
+    print(f"engine / HF generate: {med['engine'] / med['HF generate']:.2f}× (target ≥ 1.6)")
+    print(f"engine / bound (weights-GEMV): {med['engine'] / bound:.0%} (target ≥ 85 %)")
+    print(f"HTTP / engine: {med['HTTP'] / med['engine']:.2f}× (target ≥ 0.9)")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

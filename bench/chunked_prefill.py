@@ -1,0 +1,148 @@
+"""Do running streams keep their pace while long prompts arrive? Inter-token latency with and without chunked prefill.
+
+In-process engine on the embedded SmolLM2 (1 torch thread by default). Per round: ``--streams`` greedy streams run
+alone for ``--quiet-steps`` tokens (the inter-token latency "without arrivals"), then ``--newcomers`` prompts of
+``--prompt-len`` tokens arrive at once; the running streams' gaps until every newcomer has its first token are the
+latency "while they arrive". Rounds alternate the ``--chunks`` settings in ABBA order on one engine (one model load).
+Prints, per setting: quiet p50, arriving p50/p95/max, p95 / quiet p50 (the figure judged: target ≤ 2), the newcomers'
+time to first token, and the quiet decode tok/s of all streams.
+
+    .venv/bin/python bench/chunked_prefill.py [--chunks 0,256] [--streams 32] [--newcomers 8] [--prompt-len 512]
+        [--adapter DIR] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+from hpr.checkpoint import HPRAdapter
+from hpr.editing import HPREditor
+from hpr.model import EMBEDDED_MODEL_ID, load_model
+from server.engine.engine import Engine
+from server.engine.types import GenerationRequest, SamplingParams
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def one_round(engine: Engine, args: argparse.Namespace, edit: object, round_no: int) -> dict[str, float]:
+    tokenizer = engine.tokenizer
+    words = tokenizer.encode(" the sea and the wind" * args.prompt_len)
+    short = tokenizer.encode(f"Story number {round_no}: once upon a time")
+    stamps: list[list[float]] = [[] for _ in range(args.streams)]
+    arrived = asyncio.Event()
+    first_tokens: list[float] = []
+
+    async def stream(i: int) -> None:
+        sampling = SamplingParams(max_tokens=args.stream_tokens, temperature=0.0, ignore_eos=True)
+        request = GenerationRequest(f"s{round_no}-{i}", short, sampling, edit=edit)  # type: ignore[arg-type]
+        async for out in engine.generate(request):
+            now = time.perf_counter()
+            stamps[i].extend([now] * max(1, len(out.token_ids)))
+            if arrived.is_set() and len(first_tokens) == args.newcomers:
+                break  # measured enough: free the engine for the next round
+
+    async def newcomer(j: int, sent: float) -> None:
+        prompt = words[j : j + args.prompt_len]
+        sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        request = GenerationRequest(f"n{round_no}-{j}", prompt, sampling, edit=edit)  # type: ignore[arg-type]
+        async for _ in engine.generate(request):
+            first_tokens.append(time.perf_counter() - sent)
+            break
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(args.streams)]
+    while min(len(s) for s in stamps) < args.quiet_steps + 2:  # all running, then the quiet window
+        await asyncio.sleep(0.01)
+    quiet_end = time.perf_counter()
+    quiet_gaps = [b - a for s in stamps for a, b in itertools.pairwise(s[1:]) if b <= quiet_end]
+    quiet_tokens = sum(1 for s in stamps for t in s[1:] if t <= quiet_end)
+    quiet_start = min(s[1] for s in stamps)
+    arrived.set()
+    sent = time.perf_counter()
+    await asyncio.gather(*(newcomer(j, sent) for j in range(args.newcomers)))
+    all_in = time.perf_counter()
+    await asyncio.gather(*tasks)
+    arriving = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > sent and a < all_in]
+    return {
+        "quiet_p50": statistics.median(quiet_gaps),
+        "arr_p50": statistics.median(arriving),
+        "arr_p95": _percentile(arriving, 0.95),
+        "arr_max": max(arriving),
+        "ttft_max": max(first_tokens),
+        "quiet_tps": quiet_tokens / (quiet_end - quiet_start),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", default="0,256", help="prefill_chunk settings to compare (0 = whole prompts)")
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--newcomers", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--quiet-steps", type=int, default=12)
+    parser.add_argument("--stream-tokens", type=int, default=400)
+    parser.add_argument("--adapter", type=Path, default=None, help="edit every request with this checkpoint's default")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA cycles")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32")
+    adapters = {}
+    if args.adapter:
+        adapters["a"] = HPRAdapter.load(args.adapter, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
+    editor = HPREditor(loaded.model, adapters)
+    settings = [int(c) for c in args.chunks.split(",")]
+    engine = Engine(
+        loaded, editor.registry, max_batch_size=args.streams + args.newcomers, max_prefill_tokens=1 << 20
+    )  # fmt: skip
+    edit = engine.editor.resolve("a") if args.adapter else None  # the checkpoint's defaults
+    order = [s for _ in range(args.rounds) for s in (settings + settings[::-1])]
+    results: dict[int, list[dict[str, float]]] = {s: [] for s in settings}
+    print(f"{args.streams} streams, {args.newcomers} newcomers × {args.prompt_len} tokens, order {order}, "
+          f"edit {'none' if edit is None else edit}; load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+
+    async def run_all() -> None:
+        engine.start()
+        try:
+            for i, chunk in enumerate(order):
+                engine.prefill_chunk = chunk or None
+                r = await one_round(engine, args, edit, i)
+                results[chunk].append(r)
+                print(f"  round {i} chunk {chunk}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+        finally:
+            await engine.stop(drain_timeout=30)
+
+    asyncio.run(run_all())
+    print("setting | quiet ITL p50 | arriving ITL p50 / p95 / max | p95 ÷ quiet p50 | newcomer TTFT max | quiet tok/s")
+    for chunk in settings:
+        rs = results[chunk]
+
+        def med(key: str, rs: list[dict[str, float]] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
+        name = "whole" if chunk == 0 else f"chunk {chunk}"
+        print(
+            f"{name} | {med('quiet_p50') * 1e3:.0f} ms | {med('arr_p50') * 1e3:.0f} / {med('arr_p95') * 1e3:.0f} / "
+            f"{med('arr_max') * 1e3:.0f} ms | {med('arr_p95') / med('quiet_p50'):.2f} | {med('ttft_max'):.2f} s | "
+            f"{med('quiet_tps'):.1f}"
+        )
+    print(
+        f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; medians over {len(order) // len(settings)} rounds"
+    )
+
+
+if __name__ == "__main__":
+    main()
