@@ -42,6 +42,7 @@ class LoadedModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    quantization: str | None = None  # "int8": the linear layers' weights are int8 (activations stay in ``dtype``)
 
     @property
     def hidden_size(self) -> int:
@@ -196,13 +197,35 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str]:
     return name_or_path, name_or_path  # a hub id; honours HF_HUB_OFFLINE
 
 
+QUANTIZATIONS = ("none", "int8")
+
+
+def quantize_weights(model: nn.Module, method: str | None) -> str | None:
+    """Make the linear layers' weights int8 (torchao's weight-only int8; activations and the HPR edit keep the
+    model's dtype). ``None``/``"none"``: nothing. Returns the method applied, or None."""
+    if method in (None, "none"):
+        return None
+    if method != "int8":
+        raise ModelLoadError(f"unknown quantization {method!r}: use one of {QUANTIZATIONS}")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise ModelLoadError(
+            "quantization int8 needs torchao, which is not installed: pip install 'hpr-serve[int8]' (or torchao)"
+        ) from exc
+    quantize_(model, Int8WeightOnlyConfig())
+    return method
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL_ID,
     device: str | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     model_id: str | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer (with its chat template) in eval mode on ``device`` in ``dtype``."""
+    """Load model + tokenizer (with its chat template) in eval mode on ``device`` in ``dtype``; ``quantization``
+    "int8" then makes the linear weights int8 (:func:`quantize_weights`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -215,8 +238,15 @@ def load_model(
         raise ModelLoadError(f"{name_or_path}: cannot load model: {exc}") from exc
     model = model.to(dev)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
+    applied = quantize_weights(model, quantization)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(
-        model=model, tokenizer=tokenizer, model_id=model_id or resolved_id, source=source, device=dev, dtype=dt
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id or resolved_id,
+        source=source,
+        device=dev,
+        dtype=dt,
+        quantization=applied,
     )

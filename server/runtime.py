@@ -63,7 +63,13 @@ def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) 
 
     if settings.num_threads is not None:
         torch.set_num_threads(settings.num_threads)
-    loaded = load_model(settings.model, settings.device, settings.dtype, model_id=settings.served_model_name)
+    loaded = load_model(
+        settings.model,
+        settings.device,
+        settings.dtype,
+        model_id=settings.served_model_name,
+        quantization=settings.quantization,
+    )
     engine: EngineLike = Engine(
         loaded,
         registry,

@@ -62,6 +62,11 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(
         default=None, ge=1, description="Context length (prompt + generated tokens); default: the model's own."
     )
+    quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: weight-only int8 linear layers through torchao (pip install 'hpr-serve[int8]'); "
+        "activations and edits keep the dtype. Faster at batch 1 on CPU (docs/benchmarks.md).",
+    )
     prefill_chunk: int = Field(
         default=256,
         ge=0,

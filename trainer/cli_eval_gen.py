@@ -42,6 +42,13 @@ def add_eval_gen_parser(sub: Any) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 [auto]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, here and in the server [cores - 1]")
     p.add_argument(
+        "--quantization",
+        choices=("none", "int8"),
+        default="none",
+        help="serve and score chat-MC with int8 weights (hpr-serve --quantization); perplexity is still judged by "
+        "the unquantized base model [none]",
+    )
+    p.add_argument(
         "--data-dir", type=Path, default=None, help="TruthfulQA directory [$HPR_TRUTHFULQA_DIR or ../shared]"
     )
     p.add_argument("--split", default="test", choices=("train", "eval", "test"), help="split to answer [test]")
@@ -90,6 +97,7 @@ def options_from_args(args: argparse.Namespace) -> EvalGenOptions:
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
+        quantization=None if args.quantization == "none" else args.quantization,
         data_dir=args.data_dir,
         split=args.split,
         max_questions=args.max_questions,

@@ -110,6 +110,7 @@ class EvalGenOptions:
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
+    quantization: str | None = None  # "int8": the server and the chat-MC model; the perplexity judge stays unquantized
     data_dir: Path | None = None
     split: str = "test"
     max_questions: int | None = None
@@ -296,7 +297,10 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
 
     t = time.perf_counter()
     applied = {n: answers[(n, 0)].applied for n in names}
-    mc = _chat_mc(opts, lm, adapters, configs, applied, questions, prompts[: len(questions)])
+    scorer = lm
+    if opts.quantization is not None:  # chat-MC is the served model's; perplexity above was the unquantized judge's
+        scorer = load_model(opts.model, opts.device, opts.dtype, quantization=opts.quantization)
+    mc = _chat_mc(opts, scorer, adapters, configs, applied, questions, prompts[: len(questions)])
     timings["chat_mc"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -310,6 +314,7 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
         "chat_questions": len(general),
         "model": lm.model_id,
         "server": opts.base_url or "hpr-serve (started by eval-gen)",
+        "quantization": opts.quantization,
         "max_tokens": opts.max_tokens,
         "configs": {n: {"requested": asdict(configs[n]), "applied": applied[n]} for n in names},
         "results": results,
@@ -358,7 +363,10 @@ def _generate_all(
     if opts.base_url is not None:
         return run(opts.base_url)
     paths = {name: Path(a.source or "") for name, a in adapters.items()}
-    with LocalServer(opts.model, paths, opts.device, opts.dtype, opts.threads, max_batch_size=opts.concurrency) as srv:
+    extra = ["--quantization", opts.quantization] if opts.quantization else []
+    with LocalServer(
+        opts.model, paths, opts.device, opts.dtype, opts.threads, max_batch_size=opts.concurrency, extra_args=extra
+    ) as srv:
         return run(srv.base_url)
 
 
