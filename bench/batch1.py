@@ -13,7 +13,9 @@ All in one run, on the embedded SmolLM2 in fp32 with ``--threads`` torch threads
 
 Decode tok/s = (tokens − 1) / (time of the last token − time of the first), so prefill is left out everywhere.
 
-    .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR]
+    .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR] [--quantization int8]
+
+With ``--quantization int8`` every side runs int8 weights; the bound is still the fp32 one.
 """
 
 from __future__ import annotations
@@ -138,9 +140,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="ABBA cycles")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapter", type=Path, default=Path("runs/truthfulqa/checkpoint"))
+    parser.add_argument(
+        "--quantization", choices=("none", "int8"), default="none", help="every side's weights (needs torchao)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32")
+    loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32", quantization=args.quantization)
     ids = list(loaded.tokenizer(PROMPT)["input_ids"])
     adapters = {}
     if args.adapter.exists():
@@ -148,11 +153,12 @@ def main() -> None:
     editor = HPREditor(loaded.model, adapters)
     engine = Engine(loaded, editor.registry)
     edit = editor.resolve("a") if adapters else None
-    mats = weight_matrices(loaded.model)
+    fp32_model = loaded.model if args.quantization == "none" else load_model(EMBEDDED_MODEL_ID, "cpu", "float32").model
+    mats = weight_matrices(fp32_model)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     print(
-        f"SmolLM2 fp32, {args.threads} thread(s), {args.tokens} tokens, edit {edit}; weights {nbytes / 1e6:.0f} MB; "
-        f"load {os.getloadavg()[0]:.2f}",
+        f"SmolLM2 fp32 (weights {args.quantization}), {args.threads} thread(s), {args.tokens} tokens, edit {edit}; "
+        f"fp32 weights {nbytes / 1e6:.0f} MB; load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     results: dict[str, list[float]] = {"bound (weights-GEMV)": [], "HF generate": [], "engine": [], "HTTP": []}
@@ -160,7 +166,8 @@ def main() -> None:
     engine.start()
     paths = {"a": args.adapter} if adapters else {}
     try:
-        with LocalServer(EMBEDDED_MODEL_ID, paths, "cpu", "float32", args.threads) as server:
+        flags = ["--quantization", args.quantization]
+        with LocalServer(EMBEDDED_MODEL_ID, paths, "cpu", "float32", args.threads, extra_args=flags) as server:
             runs: dict[str, Callable[[], float]] = {
                 "bound (weights-GEMV)": lambda: bound_gemv(mats),
                 "HF generate": lambda: hf_generate(loaded, ids, args.tokens),
