@@ -278,6 +278,9 @@ class Engine:
                     batch = self._drop_cancelled(batch)
                     if newcomers:
                         job = self.runner.start_prefill(newcomers, self.prefill_chunk)
+                    if job is not None and all(st.cancelled for st in job.states):
+                        self._abandon(job)  # every client left: no more chunks for nobody
+                        job = None
                     if job is not None:
                         outcome = self.runner.prefill_step(job)
                         if outcome is not None:  # the last chunk: the newcomers have their first tokens
@@ -319,6 +322,13 @@ class Engine:
             self._active.add(head)
             longest = longest_if
         return taken
+
+    def _abandon(self, job: PrefillJob) -> None:
+        for state in job.states:
+            state.finish()
+            self._active.discard(state)
+            if self.observer is not None:
+                self._safe(self.observer.on_finish, state.request_id, state.prompt_len, 0)
 
     def _join(self, batch: Batch | None, outcome: StepOutcome) -> Batch | None:
         """Deliver a finished prefill's first tokens and join its rows to the running batch."""

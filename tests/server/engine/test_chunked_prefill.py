@@ -4,6 +4,7 @@ logprobs, prompt logprobs, edit statistics, every scope), and running streams de
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -139,3 +140,45 @@ def test_running_streams_decode_between_the_chunks_of_a_newcomer(
     # after each chunk but the last, one decode step of the running stream before the next chunk
     assert between.count("decode") == len(chunks) - 1
     assert all(between[i] == "decode" for i in range(1, len(between), 2))
+
+
+def test_a_prefill_whose_clients_all_left_stops_between_chunks(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+) -> None:
+    tokenizer = tiny_loaded.tokenizer
+    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=4)
+    calls: list[str] = []
+    _count_chunks(engine, calls)
+    runner = engine.runner
+    chunk = runner._prefill_chunk
+
+    def slow_chunk(job: Any) -> Any:
+        time.sleep(0.05)  # room for the client to leave mid-prefill
+        return chunk(job)
+
+    runner._prefill_chunk = slow_chunk  # type: ignore[method-assign]
+    prompt = tokenizer.encode("word " * 40)
+
+    async def main() -> None:
+        request = GenerationRequest("gone", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        task = asyncio.create_task(collect(engine, request))
+        while calls.count("chunk") < 2:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)  # several chunks' time
+        assert engine.running == 0  # the slot is free again
+        chunks_before = calls.count("chunk")
+        short = GenerationRequest("next", tokenizer.encode("Hi"), SamplingParams(max_tokens=3, temperature=0.0))
+        assert len(joined(await collect(engine, short))[0]) == 3  # and the engine serves the next request
+        calls.append(f"abandoned after {chunks_before}")
+
+    engine.start()
+    try:
+        run(main())
+    finally:
+        run(engine.stop(drain_timeout=10))
+    total = -(-len(prompt) // 4)
+    abandoned_after = int(next(c for c in calls if c.startswith("abandoned")).split()[-1])
+    assert 2 <= abandoned_after <= 4 < total
