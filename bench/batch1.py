@@ -141,11 +141,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapter", type=Path, default=Path("runs/truthfulqa/checkpoint"))
     parser.add_argument(
-        "--quantization", choices=("none", "int8"), default="none", help="every side's weights (needs torchao)"
+        "--quantization",
+        choices=("none", "int8", "both"),
+        default="none",
+        help="every side's weights (int8 needs torchao); both: fp32 everywhere plus an int8 engine side by side",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32", quantization=args.quantization)
+    main_quant = "none" if args.quantization == "both" else args.quantization
+    loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32", quantization=main_quant)
     ids = list(loaded.tokenizer(PROMPT)["input_ids"])
     adapters = {}
     if args.adapter.exists():
@@ -153,7 +157,16 @@ def main() -> None:
     editor = HPREditor(loaded.model, adapters)
     engine = Engine(loaded, editor.registry)
     edit = editor.resolve("a") if adapters else None
-    fp32_model = loaded.model if args.quantization == "none" else load_model(EMBEDDED_MODEL_ID, "cpu", "float32").model
+    fp32_model = loaded.model if main_quant == "none" else load_model(EMBEDDED_MODEL_ID, "cpu", "float32").model
+    int8_engine = None
+    if args.quantization == "both":
+        loaded8 = load_model(EMBEDDED_MODEL_ID, "cpu", "float32", quantization="int8")
+        adapters8 = {}
+        if adapters:
+            adapters8["a"] = HPRAdapter.load(
+                args.adapter, hidden_size=loaded8.hidden_size, num_layers=loaded8.num_layers
+            )
+        int8_engine = Engine(loaded8, HPREditor(loaded8.model, adapters8).registry)
     mats = weight_matrices(fp32_model)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     print(
@@ -164,9 +177,12 @@ def main() -> None:
     results: dict[str, list[float]] = {"bound (weights-GEMV)": [], "HF generate": [], "engine": [], "HTTP": []}
     loop = asyncio.new_event_loop()
     engine.start()
+    if int8_engine is not None:
+        int8_engine.start()
+        results["engine (int8)"] = []
     paths = {"a": args.adapter} if adapters else {}
     try:
-        flags = ["--quantization", args.quantization]
+        flags = ["--quantization", main_quant]
         with LocalServer(EMBEDDED_MODEL_ID, paths, "cpu", "float32", args.threads, extra_args=flags) as server:
             runs: dict[str, Callable[[], float]] = {
                 "bound (weights-GEMV)": lambda: bound_gemv(mats),
@@ -178,6 +194,10 @@ def main() -> None:
                     http_stream(server.root_url, ids, args.tokens, "a" if adapters else None, EMBEDDED_MODEL_ID)
                 ),
             }
+            if int8_engine is not None:
+                runs["engine (int8)"] = lambda: loop.run_until_complete(
+                    engine_generate(int8_engine, ids, args.tokens, edit, f"b1q-{time.time()}")
+                )
             for run in runs.values():  # warm-up, not counted
                 run()
             names = list(runs)
@@ -187,6 +207,8 @@ def main() -> None:
             gbs, read_tps = bound_read(nbytes)
     finally:
         loop.run_until_complete(engine.stop(drain_timeout=10))
+        if int8_engine is not None:
+            loop.run_until_complete(int8_engine.stop(drain_timeout=10))
     med = {k: statistics.median(v) for k, v in results.items()}
     print("what | decode tok/s (median; runs)")
     for name, values in results.items():
@@ -196,6 +218,8 @@ def main() -> None:
     print(f"engine / HF generate: {med['engine'] / med['HF generate']:.2f}× (target ≥ 1.6)")
     print(f"engine / bound (weights-GEMV): {med['engine'] / bound:.0%} (target ≥ 85 %)")
     print(f"HTTP / engine: {med['HTTP'] / med['engine']:.2f}× (target ≥ 0.9)")
+    if "engine (int8)" in med:
+        print(f"engine int8 / engine fp32: {med['engine (int8)'] / med['engine']:.2f}×")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
