@@ -2,8 +2,9 @@
 
 SmolLM2 fp32 at batch 1, greedy, ``--tokens`` new tokens, ``--threads`` torch threads; best of ``--reps``:
 fp32 eager, fp32 compiled (``torch.compile`` of the forward with HF's static cache), int8 weight-only eager and
-compiled (torchao ``Int8WeightOnlyConfig``). Also checks that the first 10 greedy tokens agree. torchao is not a
-dependency of hpr-serve: ``pip install torchao`` first (0.18.0 was measured), or pass ``--no-int8``.
+compiled (``hpr.model.quantize_weights``, as ``hpr-serve --quantization int8``: torchao ``Int8WeightOnlyConfig``,
+the LM head left fp32). Also checks that the first 10 greedy tokens agree. torchao is an optional dependency of
+hpr-serve (``pip install 'hpr-serve[int8]'``; 0.18.0 was measured), or pass ``--no-int8``.
 Compiling takes a minute or more per variant on 2 cores.
 
     .venv/bin/python bench/int8_compile.py [--tokens 48] [--threads 1] [--reps 3] [--no-int8]
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from hpr.model import EMBEDDED_MODEL_ID, load_model
+from hpr.model import EMBEDDED_MODEL_ID, load_model, quantize_weights
 
 
 def bench(model: Any, ids: torch.Tensor, tokens: int, reps: int, **kwargs: Any) -> tuple[list[float], list[int]]:
@@ -48,10 +49,8 @@ def main() -> None:
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     models = {"fp32": loaded.model}
     if not args.no_int8:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # type: ignore[import-not-found,unused-ignore]
-
         models["int8"] = copy.deepcopy(loaded.model)
-        quantize_(models["int8"], Int8WeightOnlyConfig())
+        quantize_weights(models["int8"], "int8")  # as hpr-serve --quantization int8 does
     load = os.getloadavg()[0]
     print(f"batch 1, {args.tokens} tokens, {args.threads} thread(s), best of {args.reps}; load {load:.2f}")
     reference = None
