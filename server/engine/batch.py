@@ -224,11 +224,11 @@ class PrefillInputs:
     def columns(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Columns ``start:stop`` as one forward's inputs after ``start`` columns already in the cache:
-        ``(ids, positions, mask, valid)`` with the mask (N, 1, stop - start, stop) over cache + chunk."""
+        ``(ids, positions, mask)`` with the mask (N, 1, stop - start, stop) over cache + chunk."""
         if start == 0 and stop == self.columns:
-            return self.input_ids, self.position_ids, self.attention_mask, self.valid
+            return self.input_ids, self.position_ids, self.attention_mask
         keys = torch.arange(stop, device=self.valid.device)  # (stop,)
         queries = keys[start:stop]  # (c,)
         causal = queries[:, None] >= keys[None, :]  # (c, stop)
@@ -238,7 +238,6 @@ class PrefillInputs:
             self.input_ids[:, start:stop],
             self.position_ids[:, start:stop],
             mask[:, None],  # explicit even without padding: SDPA's own causal mask is wrong once q ≠ k
-            self.valid[:, start:stop],
         )
 
     def edit_plan(self, requests: Sequence[RequestState], start: int = 0, stop: int | None = None) -> EditPlan | None:

@@ -48,10 +48,6 @@ class PrefillJob:
     done: int = 0
     hidden: list[Tensor] = field(default_factory=list)  # the earlier chunks' last hidden states (prompt logprobs)
 
-    @property
-    def chunks_left(self) -> int:
-        return -(-(self.inputs.columns - self.done) // self.columns)
-
 
 @dataclass
 class _Selection:
@@ -161,7 +157,7 @@ class ModelRunner:
     def _prefill_chunk(self, job: PrefillJob) -> StepOutcome | None:
         states = job.states
         start, stop = job.done, min(job.done + job.columns, job.inputs.columns)
-        ids, positions, mask, _valid = job.inputs.chunk(start, stop)
+        ids, positions, mask = job.inputs.chunk(start, stop)
         plan = job.inputs.edit_plan(states, start, stop)
         want_prompt_logprobs = [s.request.sampling.prompt_logprobs for s in states]
         last = stop == job.inputs.columns
@@ -189,7 +185,7 @@ class ModelRunner:
         job.done = stop
         if plan is not None:
             plan.flush_stats([s.stats for s in states])
-        self._report_prefill_edits(states, job.inputs.edit_plan(states))
+        self._report_prefill_edits(states)
         sampling = SamplingState.build(
             [s.request.sampling for s in states],
             [s.generator for s in states],
@@ -236,8 +232,8 @@ class ModelRunner:
                 result.append((int(targets[j]), value, list(zip(top_ids[j], top_lps[j], strict=True))))
         return result
 
-    def _report_prefill_edits(self, states: Sequence[RequestState], plan: EditPlan | None) -> None:
-        if self.on_edit is None or plan is None:
+    def _report_prefill_edits(self, states: Sequence[RequestState]) -> None:
+        if self.on_edit is None:
             return
         per_layer: dict[int, int] = {}
         for state in states:
