@@ -279,7 +279,7 @@ class Engine:
                     if newcomers:
                         job = self.runner.start_prefill(newcomers, self.prefill_chunk)
                     if job is not None and all(st.cancelled for st in job.states):
-                        self._abandon(job)  # every client left: no more chunks for nobody
+                        self._abandon(job)  # every client has left: stop prefilling
                         job = None
                     if job is not None:
                         outcome = self.runner.prefill_step(job)
@@ -323,12 +323,16 @@ class Engine:
             longest = longest_if
         return taken
 
+    def _retire(self, state: RequestState, completion_tokens: int) -> None:
+        """The request runs no more: let its slot and adapter go, and tell the observer."""
+        state.finish()
+        self._active.discard(state)
+        if self.observer is not None:
+            self._safe(self.observer.on_finish, state.request_id, state.prompt_len, completion_tokens)
+
     def _abandon(self, job: PrefillJob) -> None:
         for state in job.states:
-            state.finish()
-            self._active.discard(state)
-            if self.observer is not None:
-                self._safe(self.observer.on_finish, state.request_id, state.prompt_len, 0)
+            self._retire(state, 0)
 
     def _join(self, batch: Batch | None, outcome: StepOutcome) -> Batch | None:
         """Deliver a finished prefill's first tokens and join its rows to the running batch."""
@@ -344,10 +348,7 @@ class Engine:
                 self._safe(self.observer.on_step, batch_size)
             self._observe_tokens(outcome)
         for state in outcome.finished:
-            state.finish()
-            self._active.discard(state)
-            if self.observer is not None:
-                self._safe(self.observer.on_finish, state.request_id, state.prompt_len, len(state.generated))
+            self._retire(state, len(state.generated))
         self._deliver(outcome.events)
         return outcome.batch
 
@@ -359,14 +360,10 @@ class Engine:
         for state in batch.requests:
             if not state.cancelled:
                 continue
-            state.finish()
-            self._active.discard(state)
             completion = state.completion_tokens_seen
+            self._retire(state, completion if completion is not None else len(state.generated))
             if completion is not None:  # stopped by a stop string: the consumer waits for this last event
                 events.append((state, EngineEvent(finish_reason="stop", edit_stats=state.edit_stats())))
-            if self.observer is not None:
-                n = completion if completion is not None else len(state.generated)
-                self._safe(self.observer.on_finish, state.request_id, state.prompt_len, n)
         self._deliver(events)
         return batch.filter(keep)
 
