@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hpr.errors import HPRError
-from hpr.model import EMBEDDED_MODEL_ID
+from hpr.model import EMBEDDED_MODEL_ID, QUANTIZATIONS
 from trainer.eval_gen import EditConfig, EvalGenOptions, parse_config, run_eval_gen
 from trainer.gen_report import BASE
 
@@ -43,7 +43,7 @@ def add_eval_gen_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, here and in the server [cores - 1]")
     p.add_argument(
         "--quantization",
-        choices=("none", "int8"),
+        choices=QUANTIZATIONS,
         default="none",
         help="serve and score chat-MC with int8 weights (hpr-serve --quantization); perplexity is still judged by "
         "the unquantized base model [none]",
