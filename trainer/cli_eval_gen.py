@@ -40,7 +40,13 @@ def add_eval_gen_parser(sub: Any) -> None:
     p.add_argument("--model", default=EMBEDDED_MODEL_ID, help=f"base model [{EMBEDDED_MODEL_ID}]")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 [auto]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, here and in the server [cores - 1]")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads, here and in the server [all cores: the server generates, then it stops and the "
+        "scoring here begins, so the two never compete]",
+    )
     p.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -73,7 +79,13 @@ def add_eval_gen_parser(sub: Any) -> None:
     p.add_argument("--base-url", default=None, help="judge a running OpenAI-compatible server (…/v1) instead")
     p.add_argument("--api-key", default=os.environ.get("HPR_API_KEY"), help="its API key [$HPR_API_KEY]")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per answer [64]")
-    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (the server's batch) [32]")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=128,
+        help="requests in flight, and the server's batch [128: on 2 CPU cores a 128-row decode step gives 1.4x the "
+        "tokens/s of a 32-row one]",
+    )
     p.add_argument(
         "--chat-questions",
         type=Path,
@@ -144,7 +156,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 def run_eval_gen_cli(args: argparse.Namespace) -> int:
     from trainer.pipeline import set_threads
 
-    set_threads(args.threads)
+    args.threads = set_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
     try:
         report = run_eval_gen(options_from_args(args))

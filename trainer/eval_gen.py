@@ -119,7 +119,7 @@ class EvalGenOptions:
     base_url: str | None = None
     api_key: str | None = None
     max_tokens: int = 64
-    concurrency: int = 32
+    concurrency: int = 128
     chat_questions: Path | None = None
     bootstrap: int = 10000
     seed: int = 0
@@ -227,23 +227,52 @@ def chat_prompt_ids(tokenizer: Any, question: str) -> list[int]:
     return _ids(tokenizer, str(text))
 
 
+def served_perplexity(tokenizer: Any, answer: ChatAnswer) -> float | None:
+    """The perplexity of an answer the unedited base model generated, from the logprobs the server returned with
+    it — when its tokens are exactly what :func:`base_perplexities` would score (the re-tokenized text, without
+    the stop token); else None, and the answer is scored again."""
+    entries = answer.token_logprobs
+    if not entries or not answer.text:
+        return None
+    ids = _ids(tokenizer, answer.text)
+    if answer.finish_reason == "stop" and len(entries) == len(ids) + 1:
+        entries = entries[:-1]  # the end-of-turn token that stopped it: not part of the text
+    if len(entries) != len(ids) or "".join(token for token, _ in entries) != answer.text:
+        return None
+    return math.exp(-float(np.mean([lp for _, lp in entries])))
+
+
 @torch.inference_mode()
 def base_perplexities(
-    lm: LoadedModel, prompts: Sequence[list[int]], answers: Sequence[Sequence[str]], batch_tokens: int
+    lm: LoadedModel,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Sequence[str]],
+    batch_tokens: int,
+    known: Sequence[dict[str, float]] | None = None,
 ) -> list[list[float]]:
-    """Perplexity under the unedited base model of each answer (``answers[q][c]``) given prompt ``q``; NaN if empty."""
+    """Perplexity under the unedited base model of each answer (``answers[q][c]``) given prompt ``q``; NaN if empty.
+
+    ``known[q]`` maps answer texts whose perplexity is already known (from the server) to it; they are not scored.
+    """
     runner = PrefixRunner(lm.model)
     out: list[list[float]] = []
-    for prompt, texts in zip(prompts, answers, strict=True):
-        unique = list(dict.fromkeys(texts))  # configurations often give the same answer: score it once
-        rows = [_ids(lm.tokenizer, t) for t in unique]
-        logps = answer_logprobs(runner, runner, None, prompt, rows, batch_tokens)
-        ppl = {t: math.exp(-float(np.mean(lp))) if lp else math.nan for t, lp in zip(unique, logps, strict=True)}
+    for q, (prompt, texts) in enumerate(zip(prompts, answers, strict=True)):
+        ppl = dict(known[q]) if known is not None else {}
+        unique = [t for t in dict.fromkeys(texts) if t not in ppl]  # configurations often agree: score once
+        if unique:
+            rows = [_ids(lm.tokenizer, t) for t in unique]
+            logps = answer_logprobs(runner, runner, None, prompt, rows, batch_tokens)
+            ppl |= {t: math.exp(-float(np.mean(lp))) if lp else math.nan for t, lp in zip(unique, logps, strict=True)}
         out.append([ppl[t] for t in texts])
     return out
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
+
+
+def _judge_is_server(opts: EvalGenOptions) -> bool:
+    """Whether the server's base model is the perplexity judge itself: a server started here, unquantized."""
+    return opts.base_url is None and opts.quantization is None
 
 
 def _answers_for(
@@ -253,7 +282,8 @@ def _answers_for(
     for qi, text in enumerate(texts):  # question-major: every configuration of a question shares the batches
         for name in names:
             cfg = configs[name]
-            requests.append(ChatRequest((name, qi), base_model, text, cfg.hpr(), opts.max_tokens))
+            logprobs = name == BASE and _judge_is_server(opts)  # the base's perplexities come with its answers
+            requests.append(ChatRequest((name, qi), base_model, text, cfg.hpr(), opts.max_tokens, logprobs))
     return requests
 
 
@@ -290,8 +320,13 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
     mismatched = [i for i, p in enumerate(prompts) if len(p) != answers[(BASE, i)].prompt_tokens]
     if mismatched:
         log.warning("%d prompts tokenized differently by the server (first: %d)", len(mismatched), mismatched[0])
+    known: list[dict[str, float]] = [{} for _ in texts]
+    for i in range(len(texts)):
+        value = served_perplexity(lm.tokenizer, answers[(BASE, i)])
+        if value is not None and len(prompts[i]) == answers[(BASE, i)].prompt_tokens:  # the same prompt
+            known[i][answers[(BASE, i)].text] = value
     ppl = base_perplexities(
-        lm, prompts, [[answers[(n, i)].text for n in names] for i in range(len(texts))], opts.batch_tokens
+        lm, prompts, [[answers[(n, i)].text for n in names] for i in range(len(texts))], opts.batch_tokens, known
     )
     timings["perplexity"] = time.perf_counter() - t
 
@@ -320,6 +355,7 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
         "results": results,
         "rule": choose(results),
         "prompt_token_mismatches": len(mismatched),
+        "perplexities_from_server": sum(len(k) for k in known),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,7 @@ class ChatRequest:
     question: str
     hpr: dict[str, Any] | None
     max_tokens: int
+    logprobs: bool = False  # ask for each generated token's logprob
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class ChatAnswer:
     prompt_tokens: int
     completion_tokens: int
     applied: dict[str, Any] | None  # the `hpr` object the server says it applied
+    token_logprobs: tuple[tuple[str, float], ...] | None = None  # (token text, logprob) per generated token
 
 
 def _post(client: httpx.Client, request: ChatRequest, retries: int) -> ChatAnswer:
@@ -163,6 +165,8 @@ def _post(client: httpx.Client, request: ChatRequest, retries: int) -> ChatAnswe
     }
     if request.hpr is not None:
         body["hpr"] = request.hpr
+    if request.logprobs:
+        body["logprobs"] = True
     for attempt in range(retries + 1):
         try:
             response = client.post("/chat/completions", json=body)
@@ -182,12 +186,17 @@ def _post(client: httpx.Client, request: ChatRequest, retries: int) -> ChatAnswe
         try:
             data = response.json()
             choice = data["choices"][0]
+            token_logprobs = None
+            if request.logprobs:
+                content = (choice.get("logprobs") or {}).get("content") or []
+                token_logprobs = tuple((str(e["token"]), float(e["logprob"])) for e in content)
             return ChatAnswer(
                 text=choice["message"]["content"] or "",
                 finish_reason=str(choice.get("finish_reason")),
                 prompt_tokens=int(data["usage"]["prompt_tokens"]),
                 completion_tokens=int(data["usage"]["completion_tokens"]),
                 applied=data.get("hpr"),
+                token_logprobs=token_logprobs,
             )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise GenerationError(f"configuration {request.key[0]!r}: not a chat completion: {exc}") from exc

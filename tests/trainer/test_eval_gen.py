@@ -13,11 +13,20 @@ import pytest
 import torch
 
 from hpr.editing import EditPlan, HPREditor
+from hpr.model import load_model
 from tests.conftest import make_random_adapter
 from trainer.cli import main
 from trainer.data import Question
-from trainer.eval_gen import ConfigError, EditConfig, parse_config
+from trainer.eval_gen import (
+    ConfigError,
+    EditConfig,
+    base_perplexities,
+    chat_prompt_ids,
+    parse_config,
+    served_perplexity,
+)
 from trainer.evaluate import mc_metrics, scope_contexts, score_questions
+from trainer.gen_client import ChatAnswer
 
 # --- configurations -------------------------------------------------------------------------------------------------
 
@@ -213,6 +222,40 @@ def test_eval_gen_answers_through_hpr_serve_and_scores_every_configuration(gen_s
     assert set(report["results"]["strong"]["guard"]) == {"holds", "truthfulqa", "general"}
     # The edit reached the answers: at alpha 3 on every layer the random adapter changes what is generated.
     assert any(r["answers"]["strong"]["text"] != r["answers"]["base"]["text"] for r in rows)
+    # The base's perplexities came with its answers, from the server's logprobs; scored again by this process's own
+    # forward (no server, no batch of other rows), they agree.
+    spoken = [r for r in rows if r["answers"]["base"]["text"]]
+    assert spoken and report["perplexities_from_server"] == len(spoken)
+    lm = load_model(str(s["model"]), "cpu", "float32")
+    prompts = [chat_prompt_ids(lm.tokenizer, r["question"]) for r in spoken]
+    again = base_perplexities(lm, prompts, [[r["answers"]["base"]["text"]] for r in spoken], 2048)
+    assert [r["answers"]["base"]["perplexity"] for r in spoken] == pytest.approx([p for (p,) in again], rel=1e-4)
+
+
+class _Chars:
+    """A tokenizer of one token per character."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _answer(text: str, entries: list[tuple[str, float]], finish: str = "stop") -> ChatAnswer:
+    return ChatAnswer(text, finish, 5, len(entries), None, tuple(entries))
+
+
+def test_served_perplexity_only_when_the_tokens_are_the_scored_text() -> None:
+    tok = _Chars()
+    # The stop token is the one entry past the text: dropped.
+    assert served_perplexity(tok, _answer("ab", [("a", -1.0), ("b", -3.0), ("<end>", -0.1)])) == pytest.approx(
+        math.exp(2.0)
+    )
+    assert served_perplexity(tok, _answer("ab", [("a", -1.0), ("b", -3.0)], "length")) == pytest.approx(math.exp(2.0))
+    # Tokens that are not the re-tokenized text (another split, a stripped space, no logprobs): scored again.
+    assert served_perplexity(tok, _answer("ab", [("ab", -1.0)])) is None
+    assert served_perplexity(tok, _answer("ab", [(" a", -1.0), ("b", -3.0)], "length")) is None
+    assert served_perplexity(tok, _answer("ab", [("a", -1.0), ("b", -3.0), ("c", -0.1)], "length")) is None
+    assert served_perplexity(tok, ChatAnswer("ab", "stop", 5, 2, None)) is None
+    assert served_perplexity(tok, _answer("", [("<end>", -0.1)])) is None
 
 
 def test_unknown_configuration_fails_before_anything_is_written(gen_setup: dict[str, Path], capsys: Any) -> None:
