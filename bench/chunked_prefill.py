@@ -4,11 +4,13 @@ In-process engine on the embedded SmolLM2 (1 torch thread by default). Per round
 alone for ``--quiet-steps`` tokens (the inter-token latency "without arrivals"), then ``--newcomers`` prompts of
 ``--prompt-len`` tokens arrive at once; the running streams' gaps until every newcomer has its first token are the
 latency "while they arrive". Rounds alternate the ``--chunks`` settings in ABBA order on one engine (one model load).
+A setting is a chunk size (0 = whole prompts) run in forwards of its own, or ``mN``: chunks of N in the same forward
+as the running streams' decode step (mixed prefill, the server's default).
 Prints, per setting: quiet p50, arriving p50/p95/max, p95 / quiet p50 (the figure judged: target ≤ 2), the newcomers'
 time to first token, and the quiet decode tok/s of all streams.
 
-    .venv/bin/python bench/chunked_prefill.py [--chunks 0,256] [--streams 32] [--newcomers 8] [--prompt-len 512]
-        [--adapter DIR] [--threads 1]
+    .venv/bin/python bench/chunked_prefill.py [--chunks 0,256,m256,m64] [--streams 32] [--newcomers 8]
+        [--prompt-len 512] [--adapter DIR] [--threads 1]
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ async def one_round(engine: Engine, args: argparse.Namespace, edit: object, roun
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chunks", default="0,256", help="prefill_chunk settings to compare (0 = whole prompts)")
+    parser.add_argument(
+        "--chunks", default="0,256,m256,m64", help="settings to compare: N = chunks of N apart (0: whole), mN = mixed"
+    )
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--newcomers", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -104,36 +108,38 @@ def main() -> None:
     if args.adapter:
         adapters["a"] = HPRAdapter.load(args.adapter, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
     editor = HPREditor(loaded.model, adapters)
-    settings = [int(c) for c in args.chunks.split(",")]
+    settings = args.chunks.split(",")
     engine = Engine(
         loaded, editor.registry, max_batch_size=args.streams + args.newcomers, max_prefill_tokens=1 << 20
     )  # fmt: skip
     edit = engine.editor.resolve("a") if args.adapter else None  # the checkpoint's defaults
     order = [s for _ in range(args.rounds) for s in (settings + settings[::-1])]
-    results: dict[int, list[dict[str, float]]] = {s: [] for s in settings}
+    results: dict[str, list[dict[str, float]]] = {s: [] for s in settings}
     print(f"{args.streams} streams, {args.newcomers} newcomers × {args.prompt_len} tokens, order {order}, "
           f"edit {'none' if edit is None else edit}; load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
 
     async def run_all() -> None:
         engine.start()
         try:
-            for i, chunk in enumerate(order):
-                engine.prefill_chunk = chunk or None
+            for i, setting in enumerate(order):
+                engine.mixed_prefill = setting.startswith("m")
+                engine.prefill_chunk = int(setting.removeprefix("m")) or None
                 r = await one_round(engine, args, edit, i)
-                results[chunk].append(r)
-                print(f"  round {i} chunk {chunk}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+                results[setting].append(r)
+                print(f"  round {i} {setting}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
         finally:
             await engine.stop(drain_timeout=30)
 
     asyncio.run(run_all())
     print("setting | quiet ITL p50 | arriving ITL p50 / p95 / max | p95 ÷ quiet p50 | newcomer TTFT max | quiet tok/s")
-    for chunk in settings:
-        rs = results[chunk]
+    for setting in settings:
+        rs = results[setting]
 
         def med(key: str, rs: list[dict[str, float]] = rs) -> float:
             return statistics.median(r[key] for r in rs)
 
-        name = "whole" if chunk == 0 else f"chunk {chunk}"
+        size = int(setting.removeprefix("m"))
+        name = ("whole" if size == 0 else f"chunk {size}") + (" mixed" if setting.startswith("m") else "")
         print(
             f"{name} | {med('quiet_p50') * 1e3:.0f} ms | {med('arr_p50') * 1e3:.0f} / {med('arr_p95') * 1e3:.0f} / "
             f"{med('arr_max') * 1e3:.0f} ms | {med('arr_p95') / med('quiet_p50'):.2f} | {med('ttft_max'):.2f} s | "

@@ -68,6 +68,8 @@ class EditPlan:
             into per-request counters with :meth:`flush_stats`).
         valid: (B, T) bool, False at padding positions of a padded batch: those are never edited nor counted
             (None = every position is a real token).
+        flat: the forward's input is one flattened sequence (1, len(rows)) whose token ``i`` is row ``i`` (with
+            T = 1 in ``positions`` and ``valid``): the engine's mixed decode + prefill forwards.
     """
 
     rows: Sequence[EditSpec | None]
@@ -75,6 +77,7 @@ class EditPlan:
     prompt_lengths: Sequence[int] | None = None
     collect_stats: bool = False
     valid: Tensor | None = None
+    flat: bool = False
     sums: Tensor | None = field(default=None, init=False)  # (B, num_layers, len(SUMS)) float32 while collecting
     _groups: dict[int, list[_Group]] = field(default_factory=dict, init=False, repr=False)
     _compiled_for: int | None = field(default=None, init=False, repr=False)
@@ -229,6 +232,9 @@ class HPREditor:
             if plan is None:
                 return None
             hidden = layer_output_tensor(output)  # (B, T, h)
+            shape = hidden.shape
+            if plan.flat:
+                hidden = hidden.reshape(-1, 1, shape[-1])  # (1, B, h) → (B, 1, h): each token its own row
             groups = plan.groups(layer, hidden.shape[1], hidden.device)
             if not groups:
                 return None
@@ -243,6 +249,6 @@ class HPREditor:
                     changed = result.changed.sum(-1).float()  # (n,)
                     upd = torch.stack([seen, changed, result.amount.sum(-1)], dim=-1)  # (n, len(SUMS))
                     plan.sums[group.rows, layer] += upd
-            return replace_layer_output(output, hidden)
+            return replace_layer_output(output, hidden.reshape(shape))
 
         return hook

@@ -77,6 +77,7 @@ def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) 
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
         prefill_chunk=settings.prefill_chunk or None,
+        mixed_prefill=settings.mixed_prefill,
     )
     return engine
 

@@ -74,6 +74,11 @@ class ServerSettings(BaseSettings):
         "runs in chunks between decode steps, so running streams keep a bounded inter-token latency. 0: whole "
         "prompts.",
     )
+    mixed_prefill: bool = Field(
+        default=True,
+        description="Run each prefill chunk in the same forward as the running streams' decode step (Llama-type "
+        "models with SDPA attention), so the weights are read once for both. --no-mixed-prefill: a forward each.",
+    )
     api_key: StrList = Field(
         default_factory=list, description="Accepted API key (Bearer token). Without any key, no authentication."
     )

@@ -257,3 +257,29 @@ class PrefillInputs:
             collect_stats=any(r.stats is not None for r in requests),
             valid=valid,
         )
+
+
+def mixed_edit_plan(
+    decoding: Sequence[RequestState], prefilling: Sequence[RequestState], inputs: PrefillInputs, start: int, stop: int
+) -> EditPlan | None:
+    """The flat edit plan of a mixed forward (:mod:`server.engine.mixed`): the decode rows' tokens, then the chunk's
+    columns ``start:stop`` row by row, each token a row of its own."""
+    decode_specs = [decode_spec(r.request.edit) for r in decoding]
+    prefill_specs = [r.request.edit if r.request.edit is not None and not r.request.edit.is_noop else None
+                     for r in prefilling]  # fmt: skip
+    if all(s is None for s in [*decode_specs, *prefill_specs]):
+        return None
+    n, c = len(prefilling), stop - start
+    device = inputs.valid.device
+    valid = inputs.valid[:, start:stop]  # (N, c)
+    positions = torch.where(valid, inputs.position_ids[:, start:stop], -1)  # (N, c)
+    b = len(decoding)
+    return EditPlan(
+        rows=[*decode_specs, *(spec for spec in prefill_specs for _ in range(c))],
+        # decode rows edit every position they have (decode_spec), so their positions are never read
+        positions=torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), positions.reshape(n * c, 1)]),
+        prompt_lengths=[0] * b + [r.prompt_len for r in prefilling for _ in range(c)],
+        collect_stats=any(r.stats is not None for r in [*decoding, *prefilling]),
+        valid=torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), valid.reshape(n * c, 1)]),
+        flat=True,
+    )

@@ -3,7 +3,8 @@
 Each loop iteration of the engine thread (1) drops rows whose client left or that hit a stop string, (2) prefills
 waiting requests while the running batch has room (several at once, left-padded; with ``prefill_chunk``, one
 chunk of their prompts per iteration) and joins them to it once prefilled, and (3) runs ONE forward pass over
-every running row, each row with its own HPR edit, and picks one token per row.
+every running row, each row with its own HPR edit, and picks one token per row. With ``mixed_prefill``, (2) and (3)
+are one forward: the decode step and the chunk together.
 Results go to each request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe`` (once per loop per step);
 the consumer side (:meth:`Engine.generate`) turns token ids into text and applies stop strings, so tokenizer
 work stays off the engine thread.
@@ -75,6 +76,9 @@ class Engine:
         prefill_chunk: prompt tokens (summed over the newcomers prefilled together) per prefill forward at most;
             a longer prefill runs in chunks, one between two decode steps of the running streams, so their
             inter-token latency stays bounded while newcomers arrive (chunked prefill). None: whole prompts.
+        mixed_prefill: run each chunk (or whole prompt) in the same forward as the running streams' decode step,
+            where the model allows it (:mod:`server.engine.mixed`): the weights are read once for both, so the
+            streams' step grows by the chunk's arithmetic only. False: a forward of its own.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Engine:
         observer: EngineObserver | None = None,
         gather_window: float = 0.01,
         prefill_chunk: int | None = None,
+        mixed_prefill: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
@@ -105,6 +110,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.gather_window = gather_window
         self.prefill_chunk = prefill_chunk
+        self.mixed_prefill = mixed_prefill  # a chunk shares its forward with the running batch's decode step
         self.observer = observer
         self.vocab_size = self.info.vocab_size
         self.eos_ids = _eos_ids(loaded)
@@ -281,6 +287,14 @@ class Engine:
                     if job is not None and all(st.cancelled for st in job.states):
                         self._abandon(job)  # every client has left: stop prefilling
                         job = None
+                    if job is not None and batch is not None and self.mixed_prefill and self.runner.can_mix(job):
+                        size = len(batch)
+                        decoded, prefilled = self.runner.mixed_step(batch, job)  # one forward for both
+                        batch = self._apply(decoded, size)
+                        if prefilled is not None:  # the last chunk: the newcomers have their first tokens
+                            job = None
+                            batch = self._join(batch, prefilled)
+                        continue
                     if job is not None:
                         outcome = self.runner.prefill_step(job)
                         if outcome is not None:  # the last chunk: the newcomers have their first tokens

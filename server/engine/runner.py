@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editing import EditPlan, HPREditor
-from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState
+from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState, mixed_edit_plan
 from server.engine.kv_cache import BatchKVCache
+from server.engine.mixed import MixedCache, can_mix, mixed_attention_for
 from server.engine.sampling import SamplingState, process_logits, sample
 from server.engine.types import FinishReason
 
@@ -80,6 +81,7 @@ class ModelRunner:
         self._additive_mask = impl == "eager"
         self._dtype = next(model.parameters()).dtype
         self._decode_plan: DecodePlan | None = None  # the last decode step's, reused while the rows stay the same
+        self.mixable = can_mix(model)  # decode steps and prefill chunks may share a forward
 
     # ---- forward passes -------------------------------------------------------------------------------------
     def _mask(self, mask: Tensor | None) -> Tensor | None:
@@ -186,6 +188,12 @@ class ModelRunner:
         if plan is not None:
             plan.flush_stats([s.stats for s in states])
         self._report_prefill_edits(states)
+        return self._prefill_done(job, logits, captured)
+
+    def _prefill_done(self, job: PrefillJob, logits: Tensor, captured: dict[str, Tensor]) -> StepOutcome:
+        """The prefill's last chunk ran (``logits`` (N, V) at each prompt's last token): first tokens, the batch."""
+        states = job.states
+        want_prompt_logprobs = [s.request.sampling.prompt_logprobs for s in states]
         sampling = SamplingState.build(
             [s.request.sampling for s in states],
             [s.generator for s in states],
@@ -245,6 +253,75 @@ class ModelRunner:
                 per_layer[layer] = per_layer.get(layer, 0) + tokens
         for layer, tokens in sorted(per_layer.items()):
             self.on_edit(layer, tokens)
+
+    # ---- a decode step and a prefill chunk in one forward ---------------------------------------------------
+    def can_mix(self, job: PrefillJob) -> bool:
+        """Whether ``job``'s next chunk may share a forward with a decode step. Not with prompt logprobs: they need
+        every prompt position's hidden state, which only the separate prefill keeps."""
+        return self.mixable and not any(s.request.sampling.prompt_logprobs for s in job.states)
+
+    def mixed_step(self, batch: Batch, job: PrefillJob) -> tuple[StepOutcome, StepOutcome | None]:
+        """One decode step of ``batch`` and the next chunk of ``job`` in one forward (:mod:`server.engine.mixed`).
+
+        Returns the decode step's outcome and, after the job's last chunk, the prefill's (else None). If the
+        mixed forward fails, both caches are rolled back and the two run apart, each with its own failure handling.
+        """
+        length, done = batch.length, job.done
+        try:
+            decode_logits, prefill_logits = self._mixed_forward(batch, job)
+        except Exception:
+            log.warning(
+                "mixed forward (%d decode rows, %d prompts) failed; running them apart", len(batch), len(job.states),
+                exc_info=True,
+            )  # fmt: skip
+            for layer in batch.cache.growable_layers:
+                layer.length = length
+            for layer in job.cache.growable_layers:
+                layer.length = done
+            job.done = done
+            prefilled = self.prefill_step(job)
+            return self.decode(batch), prefilled
+        decoded = self._finish_step(batch, decode_logits, {}, skip_rows=None)
+        prefilled = None if prefill_logits is None else self._prefill_done(job, prefill_logits, {})
+        return decoded, prefilled
+
+    def _mixed_forward(self, batch: Batch, job: PrefillJob) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, V) of the decode rows and, after the last chunk, (N, V) at each prompt's last token."""
+        start, stop = job.done, min(job.done + job.columns, job.inputs.columns)
+        ids, positions, mask = job.inputs.chunk(start, stop)  # (N, c), (N, c), (N, 1, c, stop) or None
+        n, c = ids.shape
+        rows = len(batch)
+        if mask is None:  # a whole prompt, nobody padded: plain causal
+            mask = torch.ones(c, c, dtype=torch.bool, device=self.device).tril()[None, None].expand(n, 1, c, c)
+        last = stop == job.inputs.columns
+        flat_ids = torch.cat([batch.next_tokens, ids.reshape(-1)])[None]  # (1, B + N·c)
+        flat_positions = torch.cat([batch.positions().reshape(-1), positions.reshape(-1)])[None]
+        cache = MixedCache(batch.cache, job.cache, rows, (n, c), batch.attention_mask(), mask)
+        plan = mixed_edit_plan(batch.requests, job.states, job.inputs, start, stop)
+        keep = torch.arange(rows, device=self.device)  # the positions projected onto the vocabulary
+        if last:
+            keep = torch.cat([keep, rows + c * torch.arange(n, device=self.device) + c - 1])
+        with self.editor.apply(plan), mixed_attention_for(self.model):
+            out = self.model(
+                input_ids=flat_ids, position_ids=flat_positions, cache=cache, use_cache=True, logits_to_keep=keep
+            )
+        logits: Tensor = out.logits[0].float()  # (len(keep), V)
+        job.done = stop
+        if plan is not None and plan.sums is not None:  # each chunk token's row adds to its prompt's counter
+            sums, plan.sums = plan.sums, None
+            for row, state in enumerate(batch.requests):
+                if state.stats is not None:
+                    state.stats.add(sums[row])
+            per_prompt = sums[rows:].reshape(n, c, *sums.shape[1:]).sum(1)  # (N, layers, len(SUMS))
+            for row, state in enumerate(job.states):
+                if state.stats is not None:
+                    state.stats.add(per_prompt[row])
+        if self.on_edit is not None:
+            for layer, count in self.decode_plan(batch).edited_rows.items():
+                self.on_edit(layer, count)
+        if last:
+            self._report_prefill_edits(job.states)
+        return logits[:rows], (logits[rows:] if last else None)
 
     # ---- decode ---------------------------------------------------------------------------------------------
     def decode(self, batch: Batch) -> StepOutcome:

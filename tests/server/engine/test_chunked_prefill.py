@@ -109,7 +109,8 @@ def test_running_streams_decode_between_the_chunks_of_a_newcomer(
 ) -> None:
     tokenizer = tiny_loaded.tokenizer
     long_prompt = tokenizer.encode("word " * 40)
-    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=8)
+    # chunks in forwards of their own (test_mixed_prefill.py: the chunk and the decode step in one forward)
+    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=8, mixed_prefill=False)
     calls: list[str] = []
     _count_chunks(engine, calls)
 
