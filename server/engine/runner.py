@@ -282,8 +282,13 @@ class ModelRunner:
             prefilled = self.prefill_step(job)
             return self.decode(batch), prefilled
         decoded = self._finish_step(batch, decode_logits, {}, skip_rows=None)
-        prefilled = None if prefill_logits is None else self._prefill_done(job, prefill_logits, {})
-        return decoded, prefilled
+        if prefill_logits is None:
+            return decoded, None
+        try:
+            return decoded, self._prefill_done(job, prefill_logits, {})
+        except Exception:  # as after a failed separate prefill: again, one by one, failing only those that fail
+            log.warning("prefill of %d requests failed; prefilling them one by one", len(job.states), exc_info=True)
+            return decoded, self._prefill_each(job.states)
 
     def _mixed_forward(self, batch: Batch, job: PrefillJob) -> tuple[Tensor, Tensor | None]:
         """Logits (B, V) of the decode rows and, after the last chunk, (N, V) at each prompt's last token."""

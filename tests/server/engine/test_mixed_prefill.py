@@ -158,3 +158,26 @@ def test_prompt_logprobs_take_the_separate_prefill(tiny_loaded: LoadedModel, tin
     assert calls.count("mixed") == 0 and calls.count("chunk") > 1
     prompt = [o.prompt_logprobs for o in out[1] if o.prompt_logprobs]
     assert len(prompt) == 1 and len(prompt[0]) == len(scored.prompt_ids)
+
+
+def test_a_prefill_failing_after_its_last_mixed_chunk_is_redone_one_by_one(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+) -> None:
+    running, newcomers = _requests(tiny_loaded, tiny_editor)
+    apart = _serve(Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=False), running, newcomers)
+    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=True)
+    calls: list[str] = []
+    _count(engine, calls)
+    done = engine.runner._prefill_done
+    failures: list[int] = []
+
+    def failing_done(job: Any, logits: Any, captured: Any) -> Any:
+        if len(job.states) == len(newcomers) and not failures:  # the newcomers' job, once
+            failures.append(len(job.states))
+            raise RuntimeError("injected")
+        return done(job, logits, captured)
+
+    engine.runner._prefill_done = failing_done  # type: ignore[method-assign]
+    together = _serve(engine, running, newcomers)
+    assert failures == [len(newcomers)] and calls.count("mixed") > 1
+    assert [joined(o)[0] for o in together] == [joined(o)[0] for o in apart]
