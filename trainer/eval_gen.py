@@ -230,14 +230,19 @@ def chat_prompt_ids(tokenizer: Any, question: str) -> list[int]:
 def served_perplexity(tokenizer: Any, answer: ChatAnswer) -> float | None:
     """The perplexity of an answer the unedited base model generated, from the logprobs the server returned with
     it — when its tokens are exactly what :func:`base_perplexities` would score (the re-tokenized text, without
-    the stop token); else None, and the answer is scored again."""
+    the stop token); else None, and the answer is scored again.
+
+    The server names each token by its text (``tokenizer.decode([id])``), so the check is piece by piece: the same
+    text can be generated in another split than the tokenizer's own (" C" + "orious" where re-tokenizing gives
+    " Cor" + "ious"), with other logprobs.
+    """
     entries = answer.token_logprobs
     if not entries or not answer.text:
         return None
-    ids = _ids(tokenizer, answer.text)
-    if answer.finish_reason == "stop" and len(entries) == len(ids) + 1:
+    pieces = [tokenizer.decode([i]) for i in _ids(tokenizer, answer.text)]
+    if answer.finish_reason == "stop" and len(entries) == len(pieces) + 1:
         entries = entries[:-1]  # the end-of-turn token that stopped it: not part of the text
-    if len(entries) != len(ids) or "".join(token for token, _ in entries) != answer.text:
+    if [token for token, _ in entries] != pieces:
         return None
     return math.exp(-float(np.mean([lp for _, lp in entries])))
 

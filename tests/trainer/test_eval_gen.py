@@ -232,11 +232,15 @@ def test_eval_gen_answers_through_hpr_serve_and_scores_every_configuration(gen_s
     assert [r["answers"]["base"]["perplexity"] for r in spoken] == pytest.approx([p for (p,) in again], rel=1e-4)
 
 
-class _Chars:
-    """A tokenizer of one token per character."""
+class _Pairs:
+    """A tokenizer of one token per two characters."""
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [ord(c) for c in text]}
+        pieces = [text[i : i + 2] for i in range(0, len(text), 2)]
+        return {"input_ids": [sum(ord(ch) << (16 * k) for k, ch in enumerate(p)) for p in pieces]}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr((i >> (16 * k)) & 0xFFFF) for i in ids for k in range(2) if (i >> (16 * k)) & 0xFFFF)
 
 
 def _answer(text: str, entries: list[tuple[str, float]], finish: str = "stop") -> ChatAnswer:
@@ -244,17 +248,19 @@ def _answer(text: str, entries: list[tuple[str, float]], finish: str = "stop") -
 
 
 def test_served_perplexity_only_when_the_tokens_are_the_scored_text() -> None:
-    tok = _Chars()
+    tok = _Pairs()  # "abcd" → "ab", "cd"
     # The stop token is the one entry past the text: dropped.
-    assert served_perplexity(tok, _answer("ab", [("a", -1.0), ("b", -3.0), ("<end>", -0.1)])) == pytest.approx(
+    assert served_perplexity(tok, _answer("abcd", [("ab", -1.0), ("cd", -3.0), ("<end>", -0.1)])) == pytest.approx(
         math.exp(2.0)
     )
-    assert served_perplexity(tok, _answer("ab", [("a", -1.0), ("b", -3.0)], "length")) == pytest.approx(math.exp(2.0))
-    # Tokens that are not the re-tokenized text (another split, a stripped space, no logprobs): scored again.
-    assert served_perplexity(tok, _answer("ab", [("ab", -1.0)])) is None
-    assert served_perplexity(tok, _answer("ab", [(" a", -1.0), ("b", -3.0)], "length")) is None
-    assert served_perplexity(tok, _answer("ab", [("a", -1.0), ("b", -3.0), ("c", -0.1)], "length")) is None
-    assert served_perplexity(tok, ChatAnswer("ab", "stop", 5, 2, None)) is None
+    assert served_perplexity(tok, _answer("abc", [("ab", -1.0), ("c", -3.0)], "length")) == pytest.approx(math.exp(2.0))
+    # Tokens that are not the re-tokenized text: scored again. The same text and count in another split ...
+    assert served_perplexity(tok, _answer("abcd", [("a", -1.0), ("bcd", -3.0)], "length")) is None
+    # ... another count, a stripped space, one token too many, no logprobs, no text.
+    assert served_perplexity(tok, _answer("abcd", [("abcd", -1.0)])) is None
+    assert served_perplexity(tok, _answer("abcd", [(" ab", -1.0), ("cd", -3.0)], "length")) is None
+    assert served_perplexity(tok, _answer("abcd", [("ab", -1.0), ("cd", -3.0), ("e", -0.1)], "length")) is None
+    assert served_perplexity(tok, ChatAnswer("abcd", "stop", 5, 2, None)) is None
     assert served_perplexity(tok, _answer("", [("<end>", -0.1)])) is None
 
 
