@@ -98,3 +98,25 @@ class StepSizes:
     def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
     def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_edit(self, layer: int, tokens: int) -> None: ...
+
+
+def count_steps(engine: Engine, calls: list[str]) -> None:
+    """Record the runner's separate prefill chunks, decode steps and mixed forwards ("chunk", "decode", "mixed")."""
+    runner = engine.runner
+    chunk, decode, mixed = runner._prefill_chunk, runner.decode, runner.mixed_step
+
+    def counting_chunk(job: Any) -> Any:
+        calls.append("chunk")
+        return chunk(job)
+
+    def counting_decode(batch: Any) -> Any:
+        calls.append("decode")
+        return decode(batch)
+
+    def counting_mixed(batch: Any, job: Any) -> Any:
+        calls.append("mixed")
+        return mixed(batch, job)
+
+    runner._prefill_chunk = counting_chunk  # type: ignore[method-assign]
+    runner.decode = counting_decode  # type: ignore[method-assign]
+    runner.mixed_step = counting_mixed  # type: ignore[method-assign]

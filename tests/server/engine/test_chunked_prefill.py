@@ -13,7 +13,7 @@ from hpr.editing import HPREditor
 from hpr.model import LoadedModel
 from server.engine.engine import Engine
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
-from tests.server.engine.conftest import collect, joined, run
+from tests.server.engine.conftest import collect, count_steps, joined, run
 
 TEXTS = ["Hi", "Tell me about the sea and the wind", "A much longer prompt, so that the rows are padded a lot here"]
 
@@ -38,23 +38,6 @@ def _generate_together(engine: Engine, requests: list[GenerationRequest]) -> lis
     return run(main())
 
 
-def _count_chunks(engine: Engine, calls: list[str]) -> None:
-    """Record the runner's prefill chunks and decode steps, in order."""
-    runner = engine.runner
-    chunk, decode = runner._prefill_chunk, runner.decode
-
-    def counting_chunk(job: Any) -> Any:
-        calls.append("chunk")
-        return chunk(job)
-
-    def counting_decode(batch: Any) -> Any:
-        calls.append("decode")
-        return decode(batch)
-
-    runner._prefill_chunk = counting_chunk  # type: ignore[method-assign]
-    runner.decode = counting_decode  # type: ignore[method-assign]
-
-
 @pytest.mark.parametrize("chunk", [4, 7])
 def test_chunked_prefill_gives_what_a_whole_prefill_gives(
     tiny_loaded: LoadedModel, tiny_editor: HPREditor, chunk: int
@@ -66,7 +49,7 @@ def test_chunked_prefill_gives_what_a_whole_prefill_gives(
     for name, setting in (("whole", None), ("chunked", chunk)):
         engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=setting, gather_window=0.2)
         calls: list[str] = []
-        _count_chunks(engine, calls)
+        count_steps(engine, calls)
         engine.start()
         try:
             results[name] = _generate_together(engine, requests)
@@ -112,7 +95,7 @@ def test_running_streams_decode_between_the_chunks_of_a_newcomer(
     # chunks in forwards of their own (test_mixed_prefill.py: the chunk and the decode step in one forward)
     engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=8, mixed_prefill=False)
     calls: list[str] = []
-    _count_chunks(engine, calls)
+    count_steps(engine, calls)
 
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
         running = GenerationRequest(
@@ -149,7 +132,7 @@ def test_a_prefill_whose_clients_all_left_stops_between_chunks(
     tokenizer = tiny_loaded.tokenizer
     engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=4)
     calls: list[str] = []
-    _count_chunks(engine, calls)
+    count_steps(engine, calls)
     runner = engine.runner
     chunk = runner._prefill_chunk
 

@@ -14,7 +14,7 @@ from hpr.model import LoadedModel
 from server.engine import mixed
 from server.engine.engine import Engine
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
-from tests.server.engine.conftest import collect, joined, run
+from tests.server.engine.conftest import collect, count_steps, joined, run
 
 NEWCOMERS = ["Tell me about the sea and the wind", "A much longer prompt, so that the rows are padded a lot here"]
 
@@ -55,27 +55,6 @@ def _serve(engine: Engine, running: GenerationRequest, newcomers: list[Generatio
         run(engine.stop(drain_timeout=10))
 
 
-def _count(engine: Engine, calls: list[str]) -> None:
-    runner = engine.runner
-    mixed_step, chunk, decode = runner.mixed_step, runner._prefill_chunk, runner.decode
-
-    def counting_mixed(batch: Any, job: Any) -> Any:
-        calls.append("mixed")
-        return mixed_step(batch, job)
-
-    def counting_chunk(job: Any) -> Any:
-        calls.append("chunk")
-        return chunk(job)
-
-    def counting_decode(batch: Any) -> Any:
-        calls.append("decode")
-        return decode(batch)
-
-    runner.mixed_step = counting_mixed  # type: ignore[method-assign]
-    runner._prefill_chunk = counting_chunk  # type: ignore[method-assign]
-    runner.decode = counting_decode  # type: ignore[method-assign]
-
-
 def _assert_same(apart: list[list[GenerationOutput]], together: list[list[GenerationOutput]]) -> None:
     for a, b in zip(apart, together, strict=True):
         assert joined(b) == joined(a)
@@ -105,7 +84,7 @@ def test_a_mixed_forward_gives_what_the_decode_step_and_the_chunk_give_apart(
     for mixing in (False, True):
         engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=chunk, mixed_prefill=mixing)
         calls[mixing] = []
-        _count(engine, calls[mixing])
+        count_steps(engine, calls[mixing])
         results[mixing] = _serve(engine, running, newcomers)
     _assert_same(results[False], results[True])
     assert "failed" not in caplog.text  # no mixed forward fell back to running apart
@@ -140,7 +119,7 @@ def test_a_failing_mixed_forward_rolls_back_and_runs_apart(
     monkeypatch.setattr(mixed.MixedCache, "update", failing_update)
     engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=True)
     calls: list[str] = []
-    _count(engine, calls)
+    count_steps(engine, calls)
     together = _serve(engine, running, newcomers)
     assert len(failures) == 2 and calls.count("mixed") >= 3
     _assert_same(apart, together)
@@ -153,7 +132,7 @@ def test_prompt_logprobs_take_the_separate_prefill(tiny_loaded: LoadedModel, tin
     )
     engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=True)
     calls: list[str] = []
-    _count(engine, calls)
+    count_steps(engine, calls)
     out = _serve(engine, running, [scored])
     assert calls.count("mixed") == 0 and calls.count("chunk") > 1
     prompt = [o.prompt_logprobs for o in out[1] if o.prompt_logprobs]
@@ -167,7 +146,7 @@ def test_a_prefill_failing_after_its_last_mixed_chunk_is_redone_one_by_one(
     apart = _serve(Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=False), running, newcomers)
     engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=True)
     calls: list[str] = []
-    _count(engine, calls)
+    count_steps(engine, calls)
     done = engine.runner._prefill_done
     failures: list[int] = []
 
