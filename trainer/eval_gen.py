@@ -326,9 +326,9 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
     if mismatched:
         log.warning("%d prompts tokenized differently by the server (first: %d)", len(mismatched), mismatched[0])
     known: list[dict[str, float]] = [{} for _ in texts]
-    for i in range(len(texts)):
+    for i in sorted(set(range(len(texts))) - set(mismatched)):  # the server's logprobs followed our prompt
         value = served_perplexity(lm.tokenizer, answers[(BASE, i)])
-        if value is not None and len(prompts[i]) == answers[(BASE, i)].prompt_tokens:  # the same prompt
+        if value is not None:
             known[i][answers[(BASE, i)].text] = value
     ppl = base_perplexities(
         lm, prompts, [[answers[(n, i)].text for n in names] for i in range(len(texts))], opts.batch_tokens, known
