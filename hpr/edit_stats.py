@@ -62,6 +62,10 @@ class EditStatsCounter:
         """Add one forward pass's (or several's) sums (num_layers, len(SUMS)) of this request's row."""
         self._sums = sums.clone() if self._sums is None else self._sums + sums
 
+    def reset(self) -> None:
+        """Forget everything counted so far (a prefill about to run again from its first token)."""
+        self._sums = None
+
     def result(self) -> EditStats:
         """The statistics so far, read to the host once."""
         return EditStats.from_sums(self._sums, self.layers)

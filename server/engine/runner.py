@@ -123,6 +123,9 @@ class ModelRunner:
         return StepOutcome(None, [(state, EngineEvent(error=exc))], [state])
 
     def _prefill_each(self, states: Sequence[RequestState]) -> StepOutcome:
+        for state in states:  # the chunks that ran before the failure run again: count them once
+            if state.stats is not None:
+                state.stats.reset()
         outcomes = [self.prefill([s]) for s in states]
         batches = [o.batch for o in outcomes if o.batch is not None]
         return StepOutcome(
