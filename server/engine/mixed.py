@@ -64,8 +64,8 @@ class MixedCache:
         decode_mask: Tensor | None,
         prefill_mask: Tensor,
     ) -> None:
-        self.decode = decode
-        self.prefill = prefill
+        self.decode = decode.growable_layers  # per layer, listed once per forward rather than once per layer
+        self.prefill = prefill.growable_layers
         self.rows = decode_rows
         self.chunk = chunk  # (N, c)
         self.decode_mask = decode_mask
@@ -82,8 +82,8 @@ class MixedCache:
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
         k_decode, k_prefill = self._split(key_states)
         v_decode, v_prefill = self._split(value_states)
-        dk, dv = self.decode.growable_layers[layer_idx].update(k_decode, v_decode)
-        pk, pv = self.prefill.growable_layers[layer_idx].update(k_prefill, v_prefill)
+        dk, dv = self.decode[layer_idx].update(k_decode, v_decode)
+        pk, pv = self.prefill[layer_idx].update(k_prefill, v_prefill)
         return _Parts(dk, pk, self.decode_mask, self.prefill_mask), _Parts(dv, pv)
 
 
