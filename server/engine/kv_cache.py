@@ -105,6 +105,11 @@ class BatchKVCache(Cache):
     def length(self) -> int:
         return self.growable_layers[0].length if self.layers else 0
 
+    def rewind(self, length: int) -> None:
+        """Forget every column past ``length`` in every layer (undo a forward that failed part-way)."""
+        for layer in self.growable_layers:
+            layer.length = length
+
     @property
     def batch_size(self) -> int:
         keys = self.growable_layers[0].keys

@@ -42,6 +42,16 @@ def can_mix(model: nn.Module) -> bool:
     )
 
 
+def split_tokens(states: Tensor, rows: int, chunk: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Per-head states of a mixed forward (1, H, B + N·c, D) → the decode rows' (B, H, 1, D) and the chunk's
+    (N, H, c, D)."""
+    heads, dim = states.shape[1], states.shape[-1]
+    n, c = chunk
+    decode = states[0, :, :rows].transpose(0, 1)[:, :, None]
+    prefill = states[0, :, rows:].reshape(heads, n, c, dim).transpose(0, 1)
+    return decode, prefill
+
+
 @dataclass
 class _Parts:
     """One layer's keys (or values) for the two parts, and the mask each part's queries attend with."""
@@ -71,17 +81,9 @@ class MixedCache:
         self.decode_mask = decode_mask
         self.prefill_mask = prefill_mask
 
-    def _split(self, states: Tensor) -> tuple[Tensor, Tensor]:
-        """(1, H, B + N·c, D) → decode (B, H, 1, D) and chunk (N, H, c, D)."""
-        heads, dim = states.shape[1], states.shape[-1]
-        n, c = self.chunk
-        decode = states[0, :, : self.rows].transpose(0, 1)[:, :, None]
-        prefill = states[0, :, self.rows :].reshape(heads, n, c, dim).transpose(0, 1)
-        return decode, prefill
-
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
-        k_decode, k_prefill = self._split(key_states)
-        v_decode, v_prefill = self._split(value_states)
+        k_decode, k_prefill = split_tokens(key_states, self.rows, self.chunk)
+        v_decode, v_prefill = split_tokens(value_states, self.rows, self.chunk)
         dk, dv = self.decode[layer_idx].update(k_decode, v_decode)
         pk, pv = self.prefill[layer_idx].update(k_prefill, v_prefill)
         return _Parts(dk, pk, self.decode_mask, self.prefill_mask), _Parts(dv, pv)
@@ -101,8 +103,7 @@ def mixed_attention(
     rows, n = key.decode.shape[0], key.prefill.shape[0]
     heads, dim = query.shape[1], query.shape[-1]
     c = (query.shape[2] - rows) // n
-    q_decode = query[0, :, :rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
-    q_prefill = query[0, :, rows:].reshape(heads, n, c, dim).transpose(0, 1)  # (N, H, c, D)
+    q_decode, q_prefill = split_tokens(query, rows, (n, c))  # (B, H, 1, D), (N, H, c, D)
     out_decode, _ = sdpa_attention_forward(
         module, q_decode, key.decode, value.decode, key.decode_mask, dropout=dropout, scaling=scaling, **kwargs
     )  # (B, 1, H, D)

@@ -277,10 +277,8 @@ class ModelRunner:
                 "mixed forward (%d decode rows, %d prompts) failed; running them apart", len(batch), len(job.states),
                 exc_info=True,
             )  # fmt: skip
-            for layer in batch.cache.growable_layers:
-                layer.length = length
-            for layer in job.cache.growable_layers:
-                layer.length = done
+            batch.cache.rewind(length)
+            job.cache.rewind(done)
             job.done = done
             prefilled = self.prefill_step(job)
             return self.decode(batch), prefilled
@@ -359,8 +357,7 @@ class ModelRunner:
                 batch.next_tokens[:, None], batch.positions(), batch.attention_mask(), batch.cache, plan
             )
         except Exception:
-            for cache_layer in batch.cache.growable_layers:  # undo a partial append: the step never happened
-                cache_layer.length = length
+            batch.cache.rewind(length)  # undo a partial append: the step never happened
             if plan is not None:
                 plan.sums = None  # nor did its statistics
             raise
