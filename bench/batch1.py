@@ -8,12 +8,14 @@ All in one run, on the embedded SmolLM2 in fp32 with ``--threads`` torch threads
 - **HF generate**: ``model.generate`` at batch 1, greedy, no edit (eager, HF's dynamic cache).
 - **engine**: ``Engine.generate`` in this process, batch 1, with the trained adapter's default edit
   (``--adapter``, default ``runs/truthfulqa/checkpoint``; none if missing).
+- **engine (compiled)**, with ``--compiled``: the same engine with the compiled decode step (``--compile-decode``).
 - **HTTP**: the same request streamed from ``hpr-serve`` (a subprocess with the same adapter) by a minimal
   asyncio client; the clock runs from the first streamed token to the last.
 
 Decode tok/s = (tokens − 1) / (time of the last token − time of the first), so prefill is left out everywhere.
 
     .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR] [--quantization int8]
+                                     [--compiled]
 
 With ``--quantization int8`` every side runs int8 weights; the bound is still the fp32 one.
 """
@@ -146,6 +148,9 @@ def main() -> None:
         default="none",
         help="every side's weights (int8 needs torchao); both: fp32 everywhere plus an int8 engine side by side",
     )
+    parser.add_argument(
+        "--compiled", action="store_true", help="also an engine with the compiled decode step (--compile-decode)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     main_quant = "none" if args.quantization == "both" else args.quantization
@@ -167,6 +172,7 @@ def main() -> None:
                 args.adapter, hidden_size=loaded8.hidden_size, num_layers=loaded8.num_layers
             )
         int8_engine = Engine(loaded8, HPREditor(loaded8.model, adapters8).registry)
+    compiled_engine = Engine(loaded, editor.registry, compile_decode=True) if args.compiled else None
     mats = weight_matrices(fp32_model)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     print(
@@ -180,6 +186,9 @@ def main() -> None:
     if int8_engine is not None:
         int8_engine.start()
         results["engine (int8)"] = []
+    if compiled_engine is not None:
+        compiled_engine.start()
+        results["engine (compiled)"] = []
     paths = {"a": args.adapter} if adapters else {}
     try:
         flags = ["--quantization", main_quant]
@@ -198,7 +207,11 @@ def main() -> None:
                 runs["engine (int8)"] = lambda: loop.run_until_complete(
                     engine_generate(int8_engine, ids, args.tokens, edit, f"b1q-{time.time()}")
                 )
-            for run in runs.values():  # warm-up, not counted
+            if compiled_engine is not None:
+                runs["engine (compiled)"] = lambda: loop.run_until_complete(
+                    engine_generate(compiled_engine, ids, args.tokens, edit, f"b1c-{time.time()}")
+                )
+            for run in runs.values():  # warm-up, not counted (the compiled engine compiles here)
                 run()
             names = list(runs)
             for _ in range(args.rounds):
@@ -209,6 +222,8 @@ def main() -> None:
         loop.run_until_complete(engine.stop(drain_timeout=10))
         if int8_engine is not None:
             loop.run_until_complete(int8_engine.stop(drain_timeout=10))
+        if compiled_engine is not None:
+            loop.run_until_complete(compiled_engine.stop(drain_timeout=10))
     med = {k: statistics.median(v) for k, v in results.items()}
     print("what | decode tok/s (median; runs)")
     for name, values in results.items():
@@ -220,6 +235,9 @@ def main() -> None:
     print(f"HTTP / engine: {med['HTTP'] / med['engine']:.2f}× (target ≥ 0.9)")
     if "engine (int8)" in med:
         print(f"engine int8 / engine fp32: {med['engine (int8)'] / med['engine']:.2f}×")
+    if "engine (compiled)" in med:
+        print(f"engine compiled / engine eager: {med['engine (compiled)'] / med['engine']:.2f}×")
+        print(f"engine compiled / HF generate: {med['engine (compiled)'] / med['HF generate']:.2f}×")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 

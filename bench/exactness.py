@@ -1,7 +1,7 @@
 """Batched vs alone on SmolLM2 with a trained adapter: how often a request's greedy output differs. Prints figures.
 
     .venv/bin/python bench/exactness.py [--adapter runs/truthfulqa/checkpoint] [--prompts 100] [--max-tokens 24]
-        [--alphas 2,4] [--batch 32] [--threads 1] [--json out.json]
+        [--alphas 2,4] [--batch 32] [--threads 1] [--json out.json] [--compile-decode]
 
 For each configuration (no edit, then the adapter's selected layers and default scope at each alpha), the same
 ``--prompts`` chat prompts (TruthfulQA questions, chat template applied) are generated greedily twice through the
@@ -10,6 +10,9 @@ real engine (``server.engine.Engine``):
 - batched: all submitted at once to an engine with ``max_batch_size=--batch``, so rows are prefilled in groups
   (left-padded) and decode together, joining and leaving the running batch as in serving;
 - alone: one at a time through an engine with ``max_batch_size=1``.
+
+With ``--compile-decode`` the batched engine decodes through the compiled step (``Engine(compile_decode=True)``,
+batches of up to 8 rows; use ``--batch 8``) and the alone one stays eager: the compiled path against the eager one.
 
 Per configuration it prints: the share of requests whose greedy tokens differ; the largest logprob difference
 over the steps where both runs had the same context (tokens up to there equal), taken over the chosen token and
@@ -115,7 +118,14 @@ async def run_batched(
     loaded: LoadedModel, editor: HPREditor, prompts: list[list[int]], edit: EditSpec | None, args: Any
 ) -> tuple[list[Result], list[int]]:
     observer = BatchSizes()
-    engine = Engine(loaded, editor.registry, max_batch_size=args.batch, max_queue=len(prompts), observer=observer)
+    engine = Engine(
+        loaded,
+        editor.registry,
+        max_batch_size=args.batch,
+        max_queue=len(prompts),
+        observer=observer,
+        compile_decode=args.compile_decode,
+    )
     engine.start()
     try:
         results = await asyncio.gather(
@@ -180,6 +190,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the batched engine")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="the batched engine decodes through the compiled step (batches up to its 8 rows); alone stays eager",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

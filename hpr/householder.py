@@ -170,7 +170,9 @@ class HPRLayer(nn.Module):
         w = self.probe.weight[0]
         x32 = x.float()
         margin = probe_margin(x32, w)  # (...) float64
-        if x.device.type != "cpu":  # gathering the candidates below would cost a device→host sync per layer
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            # Gathering the candidates below would cost a device→host sync per layer on a GPU, and its
+            # data-dependent shapes would break a compiled graph: every token gets an angle, θ = 0 where not rotated.
             return householder_rotate(x, w, self.angle(x32) * alpha, edit_mask, margin)
         # On CPU the angle MLP is most of the cost: run it only where a rotation can happen (probe says negative,
         # inside the mask). Other tokens get θ = 0 and householder_rotate leaves them unchanged anyway.

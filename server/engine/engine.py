@@ -79,6 +79,9 @@ class Engine:
         mixed_prefill: run each chunk (or whole prompt) in the same forward as the running streams' decode step,
             where the model allows it (:mod:`server.engine.mixed`): the weights are read once for both, so the
             streams' step grows by the chunk's arithmetic only. False: a forward of its own.
+        compile_decode: run decode steps through one ``torch.compile``'d graph with the edits inline
+            (:mod:`server.engine.compiled`; Llama-type models with SDPA attention). The first step of a new
+            batch shape or edit set compiles (tens of seconds on a CPU). False: the eager forward.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class Engine:
         gather_window: float = 0.01,
         prefill_chunk: int | None = None,
         mixed_prefill: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
@@ -121,6 +125,7 @@ class Engine:
             pad_id=int(pad_id) if pad_id is not None else 0,
             vocab_size=self.vocab_size,
             on_edit=self._on_edit,
+            compile_decode=compile_decode,
         )
         self._token_text: dict[int, str] = {}
         self._lock = threading.Condition()

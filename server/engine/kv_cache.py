@@ -27,7 +27,12 @@ def _round_up(n: int) -> int:
 
 
 class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """One decoder layer's keys and values: buffers (B, H_kv, capacity, D), the first ``length`` columns used."""
+    """One decoder layer's keys and values: buffers (B, H_kv, capacity, D), the first ``length`` columns used.
+
+    The columns past ``length`` hold zeros or keys/values once written there: never uninitialised memory, because
+    the compiled decode step (:mod:`server.engine.compiled`) attends over the whole buffer with those columns
+    masked, and a masked NaN would still poison the output (0 × NaN).
+    """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -51,7 +56,14 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         if self.keys is not None and self.values is not None and self.length:
             keys[:, :, : self.length] = self.keys[:, :, : self.length]
             values[:, :, : self.length] = self.values[:, :, : self.length]
+        keys[:, :, self.length :] = 0  # columns not in use are zeros, never garbage (see the class docstring)
+        values[:, :, self.length :] = 0
         self.keys, self.values = keys, values
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` columns (the layer must hold keys already)."""
+        assert self.keys is not None and self.values is not None
+        self._reserve(needed, self.keys, self.values)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Append ``key_states`` (B, H_kv, T, D) and return the used views (B, H_kv, length, D)."""
@@ -82,8 +94,8 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         """Replace the contents with ``keys``/``values`` (B, H_kv, L, D), leaving ``spare`` free columns."""
         batch, heads, length, dim = keys.shape
         cap = _round_up(length + max(spare, 1))
-        self.keys = keys.new_empty((batch, heads, cap, dim))
-        self.values = values.new_empty((batch, heads, cap, values.shape[-1]))
+        self.keys = keys.new_zeros((batch, heads, cap, dim))
+        self.values = values.new_zeros((batch, heads, cap, values.shape[-1]))
         self.keys[:, :, :length] = keys
         self.values[:, :, :length] = values
         self.length = length

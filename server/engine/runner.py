@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from hpr.editing import EditPlan, HPREditor
 from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState, mixed_edit_plan
+from server.engine.compiled import CompiledDecoder
 from server.engine.kv_cache import BatchKVCache
 from server.engine.mixed import MixedCache, can_mix, mixed_attention_for
 from server.engine.sampling import SamplingState, process_logits, sample
@@ -67,6 +68,7 @@ class ModelRunner:
         pad_id: int,
         vocab_size: int,
         on_edit: Callable[[int, int], None] | None = None,
+        compile_decode: bool = False,
     ) -> None:
         self.model = model
         self.editor = editor
@@ -82,6 +84,8 @@ class ModelRunner:
         self._dtype = next(model.parameters()).dtype
         self._decode_plan: DecodePlan | None = None  # the last decode step's, reused while the rows stay the same
         self.mixable = can_mix(model)  # decode steps and prefill chunks may share a forward
+        # decode steps through one torch.compile'd graph (server.engine.compiled), or the eager forward
+        self.compiled = CompiledDecoder(model, editor.registry, self.num_layers) if compile_decode else None
 
     # ---- forward passes -------------------------------------------------------------------------------------
     def _mask(self, mask: Tensor | None) -> Tensor | None:
@@ -353,9 +357,14 @@ class ModelRunner:
         plan = decode.plan
         length = batch.length
         try:
-            logits = self._forward(
-                batch.next_tokens[:, None], batch.positions(), batch.attention_mask(), batch.cache, plan
-            )
+            if self.compiled is not None and self.compiled.accepts(len(batch)):
+                logits = self.compiled.forward(
+                    batch.cache, batch.next_tokens[:, None], batch.positions(), batch.pad, plan
+                )
+            else:
+                logits = self._forward(
+                    batch.next_tokens[:, None], batch.positions(), batch.attention_mask(), batch.cache, plan
+                )
         except Exception:
             batch.cache.rewind(length)  # undo a partial append: the step never happened
             if plan is not None:

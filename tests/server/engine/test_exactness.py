@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from hpr.editing import EditPlan, EditSpec, HPREditor
@@ -14,6 +15,12 @@ from tests.server.engine.conftest import StepSizes, collect, joined, run
 
 STEPS = 8
 TOL = 1e-4
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def compile_decode(request: pytest.FixtureRequest) -> bool:
+    """Every test here runs on the eager decode step and on the compiled one (issue 11 item 1)."""
+    return bool(request.param)
 
 
 def reference(
@@ -74,14 +81,16 @@ def prompts_for(loaded: LoadedModel, n: int) -> list[list[int]]:
 
 
 def test_concurrent_requests_with_different_edits_match_each_alone(
-    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
 ) -> None:
     cases = edit_cases(tiny_editor)
     prompts = prompts_for(tiny_loaded, len(cases))
     observer = StepSizes()
 
     async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry, max_batch_size=16, observer=observer)
+        engine = Engine(
+            tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16, observer=observer
+        )
         engine.start()
         try:
             return await asyncio.gather(
@@ -100,13 +109,15 @@ def test_concurrent_requests_with_different_edits_match_each_alone(
             assert expected[0] != unedited[0] or float((expected[1][0] - unedited[1][0]).abs().max()) > 1e-3, spec
 
 
-def test_requests_joining_a_running_batch_match_each_alone(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
+def test_requests_joining_a_running_batch_match_each_alone(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
+) -> None:
     """Later arrivals are prefilled and concatenated into a batch with a longer (or shorter) cache."""
     cases = edit_cases(tiny_editor)
     prompts = prompts_for(tiny_loaded, len(cases))
 
     async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry, max_batch_size=16)
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
         engine.start()
         try:
             tasks = []
@@ -122,13 +133,15 @@ def test_requests_joining_a_running_batch_match_each_alone(tiny_loaded: LoadedMo
         assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=STEPS + i))
 
 
-def test_layers_none_equals_the_base_model(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
+def test_layers_none_equals_the_base_model(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
+) -> None:
     prompt = tiny_loaded.tokenizer.encode("The cat sat")
     none_spec = tiny_editor.resolve("tiny", "none")
     assert none_spec.is_noop
 
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry)
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode)
         engine.start()
         try:
             return await asyncio.gather(
@@ -148,7 +161,7 @@ def test_layers_none_equals_the_base_model(tiny_loaded: LoadedModel, tiny_editor
 
 
 def test_scope_generated_differs_from_all_only_where_it_should(
-    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
 ) -> None:
     """Scope ``generated`` leaves the prompt (but its last token) unedited: its prompt logprobs equal the base
     model's; scope ``all`` changes them; both change the generated tokens' distribution."""
@@ -159,7 +172,7 @@ def test_scope_generated_differs_from_all_only_where_it_should(
         return GenerationRequest(request_id, prompt, sampling, edit=spec)
 
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput], list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry)
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode)
         engine.start()
         try:
             return await asyncio.gather(
@@ -190,7 +203,7 @@ def test_scope_generated_differs_from_all_only_where_it_should(
 
 
 def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
-    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
 ) -> None:
     prompt = tiny_loaded.tokenizer.encode("Tell me a story")
 
@@ -199,7 +212,7 @@ def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
         return GenerationRequest(request_id, prompt, params, edit=tiny_editor.resolve("tiny", "selected"))
 
     async def alone(request: GenerationRequest) -> str:
-        engine = Engine(tiny_loaded, tiny_editor.registry)
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode)
         engine.start()
         try:
             return joined(await collect(engine, request))[1]
@@ -207,7 +220,7 @@ def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
             await engine.stop()
 
     async def batched() -> list[str]:
-        engine = Engine(tiny_loaded, tiny_editor.registry)
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode)
         engine.start()
         try:
             requests = [sampled("a", 7), sampled("b", 7, top_p=0.9), sampled("c", 8, top_k=5)]
