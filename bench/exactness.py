@@ -11,8 +11,8 @@ real engine (``server.engine.Engine``):
   (left-padded) and decode together, joining and leaving the running batch as in serving;
 - alone: one at a time through an engine with ``max_batch_size=1``.
 
-With ``--compile-decode`` the batched engine decodes through the compiled step (``Engine(compile_decode=True)``,
-batches of up to 8 rows; use ``--batch 8``) and the alone one stays eager: the compiled path against the eager one.
+With ``--compile-decode`` the batched engine decodes through the compiled step (``Engine(compile_decode=True)``)
+and the alone one stays eager: the compiled path against the eager one.
 
 Per configuration it prints: the share of requests whose greedy tokens differ; the largest logprob difference
 over the steps where both runs had the same context (tokens up to there equal), taken over the chosen token and
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-decode",
         action="store_true",
-        help="the batched engine decodes through the compiled step (batches up to its 8 rows); alone stays eager",
+        help="the batched engine decodes through the compiled step; the alone one stays eager",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -38,11 +38,6 @@ from hpr.registry import AdapterRegistry
 from server.engine.kv_cache import BatchKVCache
 from server.engine.mixed import can_mix
 
-# Batches of more rows than this decode eagerly even with the compiled step on. Measured on the 2-core CPU
-# (bench/compiled_decode.py, SmolLM2 fp32, 1 thread, the trained default edit): compiled ÷ eager 1.11× at 1 row,
-# 1.02× at 4, 1.11× at 8, but 0.88× at 32 rows.
-MAX_ROWS = 8
-
 # Recompiles allowed for the step (distinct sets of (layer, adapter) pairs, stats on/off, first dynamic shapes);
 # past it dynamo runs the step eagerly, which is still correct.
 RECOMPILE_LIMIT = 32
@@ -157,12 +152,15 @@ class CompiledDecoder:
         self.num_layers = num_layers
         self.device = next(model.parameters()).device
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        # On a CPU, inductor's freezing treats the weights as constants and prepacks them for oneDNN's matmuls: at
+        # batch 1 that took the step from 1.11x to 1.30x the eager one (docs/benchmarks.md), for a second copy of
+        # the linear weights in the packed layout. The weights must not change after the first compile; a new
+        # adapter is a new module object and recompiles.
+        # Inductor's config is per thread: it is set on the engine thread, before its first compile (set here, on
+        # the constructing thread, or passed as torch.compile(options=...), it did not apply: 1.07-1.17x measured).
+        self._freeze = self.device.type == "cpu"
         self._step = torch.compile(_decode_step)
         self._edits: tuple[object, tuple[InlineEdit, ...]] | None = None  # (plan, its inline edits)
-
-    def accepts(self, rows: int) -> bool:
-        """Whether a batch of ``rows`` rows decodes through the compiled step (:data:`MAX_ROWS`)."""
-        return rows <= MAX_ROWS
 
     def edits_for(self, plan: EditPlan | None) -> tuple[InlineEdit, ...]:
         """The plan's inline edits, built once per plan (a decode plan lives as long as its batch's rows)."""
@@ -179,6 +177,8 @@ class CompiledDecoder:
     ) -> Tensor:
         """Logits (B, V) float32 of ``ids`` (B, 1) appended to ``cache`` (one column); the plan's statistics, if
         it collects them, go to ``plan.sums``. ``cache`` gains the column only when the step succeeds."""
+        if self._freeze and not torch._inductor.config.freezing:
+            torch._inductor.config.freezing = True  # this thread's (see __init__)
         length = cache.length
         layers = cache.growable_layers
         for layer in layers:

@@ -357,7 +357,7 @@ class ModelRunner:
         plan = decode.plan
         length = batch.length
         try:
-            if self.compiled is not None and self.compiled.accepts(len(batch)):
+            if self.compiled is not None:
                 logits = self.compiled.forward(
                     batch.cache, batch.next_tokens[:, None], batch.positions(), batch.pad, plan
                 )

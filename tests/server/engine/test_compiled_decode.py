@@ -15,7 +15,6 @@ import torch
 
 from hpr.editing import EditPlan, HPREditor
 from hpr.model import LoadedModel
-from server.engine import compiled
 from server.engine.compiled import CompiledDecoder, _decode_step, inline_edits
 from server.engine.engine import Engine
 from server.engine.kv_cache import BatchKVCache, GrowableLayer
@@ -196,12 +195,3 @@ def test_the_engine_decodes_through_the_compiled_step(
     calls = _count_compiled_steps(monkeypatch)
     _two_requests(tiny_loaded, tiny_editor, (4, 4))
     assert calls == [2, 2, 2]  # every decode step of both (the first token comes from the prefill)
-
-
-def test_batches_past_max_rows_decode_eagerly(
-    tiny_loaded: LoadedModel, tiny_editor: HPREditor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(compiled, "MAX_ROWS", 1)
-    calls = _count_compiled_steps(monkeypatch)
-    _two_requests(tiny_loaded, tiny_editor, (8, 4))
-    assert calls == [1, 1, 1, 1]  # 3 steps of 2 rows run eagerly, then the longer request's last 4 alone
