@@ -195,3 +195,23 @@ def test_the_engine_decodes_through_the_compiled_step(
     calls = _count_compiled_steps(monkeypatch)
     _two_requests(tiny_loaded, tiny_editor, (4, 4))
     assert calls == [2, 2, 2]  # every decode step of both (the first token comes from the prefill)
+
+
+def test_frozen_weights_of_another_adapter_are_not_reused(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
+    """With inductor's freezing (what the engine thread compiles with on a CPU) an adapter's weights are constants
+    of the graph: a batch with another adapter at the same layers must not run on the first one's weights."""
+    num_layers = tiny_loaded.model.config.num_hidden_layers
+    previous = torch._inductor.config.freezing
+    torch._inductor.config.freezing = True  # this thread's setting
+    try:
+        step = torch.compile(_decode_step)
+        for adapter in ("tiny", "other"):  # same layers, same shapes, different weights
+            plan = EditPlan(rows=[tiny_editor.resolve(adapter, "all", alpha=2.0)] * 2)
+            edits = inline_edits(plan, tiny_editor.registry, torch.device("cpu"))
+            fresh = [_inputs(tiny_loaded, batch=2, capacity=16, length=5) for _ in range(2)]
+            with torch.inference_mode():
+                got, _ = step(tiny_loaded.model, *fresh[0].values(), edits, num_layers, False)
+                want, _ = _decode_step(tiny_loaded.model, *fresh[1].values(), edits, num_layers, False)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._inductor.config.freezing = previous
