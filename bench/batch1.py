@@ -8,7 +8,8 @@ All in one run, on the embedded SmolLM2 in fp32 with ``--threads`` torch threads
 - **HF generate**: ``model.generate`` at batch 1, greedy, no edit (eager, HF's dynamic cache).
 - **engine**: ``Engine.generate`` in this process, batch 1, with the trained adapter's default edit
   (``--adapter``, default ``runs/truthfulqa/checkpoint``; none if missing).
-- **engine (compiled)**, with ``--compiled``: the same engine with the compiled decode step (``--compile-decode``).
+- **engine (compiled)** and **HTTP (compiled)**, with ``--compiled``: the same engine, and a second server, with the
+  compiled decode step (``--compile-decode``).
 - **HTTP**: the same request streamed from ``hpr-serve`` (a subprocess with the same adapter) by a minimal
   asyncio client; the clock runs from the first streamed token to the last.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -189,10 +191,28 @@ def main() -> None:
     if compiled_engine is not None:
         compiled_engine.start()
         results["engine (compiled)"] = []
+        results["HTTP (compiled)"] = []
     paths = {"a": args.adapter} if adapters else {}
     try:
         flags = ["--quantization", main_quant]
-        with LocalServer(EMBEDDED_MODEL_ID, paths, "cpu", "float32", args.threads, extra_args=flags) as server:
+        with contextlib.ExitStack() as servers:
+            server = servers.enter_context(
+                LocalServer(EMBEDDED_MODEL_ID, paths, "cpu", "float32", args.threads, extra_args=flags)
+            )
+            compiled_server = (
+                servers.enter_context(
+                    LocalServer(
+                        EMBEDDED_MODEL_ID,
+                        paths,
+                        "cpu",
+                        "float32",
+                        args.threads,
+                        extra_args=[*flags, "--compile-decode"],
+                    )
+                )
+                if args.compiled
+                else None
+            )
             runs: dict[str, Callable[[], float]] = {
                 "bound (weights-GEMV)": lambda: bound_gemv(mats),
                 "HF generate": lambda: hf_generate(loaded, ids, args.tokens),
@@ -207,9 +227,14 @@ def main() -> None:
                 runs["engine (int8)"] = lambda: loop.run_until_complete(
                     engine_generate(int8_engine, ids, args.tokens, edit, f"b1q-{time.time()}")
                 )
-            if compiled_engine is not None:
+            if compiled_engine is not None and compiled_server is not None:
                 runs["engine (compiled)"] = lambda: loop.run_until_complete(
                     engine_generate(compiled_engine, ids, args.tokens, edit, f"b1c-{time.time()}")
+                )
+                runs["HTTP (compiled)"] = lambda: loop.run_until_complete(
+                    http_stream(
+                        compiled_server.root_url, ids, args.tokens, "a" if adapters else None, EMBEDDED_MODEL_ID
+                    )
                 )
             for run in runs.values():  # warm-up, not counted (the compiled engine compiles here)
                 run()
@@ -238,6 +263,8 @@ def main() -> None:
     if "engine (compiled)" in med:
         print(f"engine compiled / engine eager: {med['engine (compiled)'] / med['engine']:.2f}×")
         print(f"engine compiled / HF generate: {med['engine (compiled)'] / med['HF generate']:.2f}×")
+        print(f"engine compiled / bound (weights-GEMV): {med['engine (compiled)'] / bound:.0%}")
+        print(f"HTTP compiled / engine compiled: {med['HTTP (compiled)'] / med['engine (compiled)']:.2f}×")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
