@@ -90,6 +90,11 @@ class EditPlan:
     def is_noop(self) -> bool:
         return all(r is None or r.is_noop for r in self.rows)
 
+    @property
+    def layers(self) -> list[int]:
+        """The layers some row edits, in order."""
+        return sorted(self._layers)
+
     def row_stats(self, row: int) -> EditStats:
         """Statistics of ``row`` over the forward passes run with this plan (since the last flush)."""
         spec = self.rows[row]

@@ -59,29 +59,21 @@ class InlineEdit:
 
 
 def inline_edits(plan: EditPlan | None, registry: AdapterRegistry, device: torch.device) -> tuple[InlineEdit, ...]:
-    """The decode ``plan``'s edits as per-row tensors, one entry per (layer, adapter) pair, in layer order.
+    """The decode ``plan``'s edits as per-row tensors: its own per-layer groups (one per (layer, adapter) pair, as
+    the eager hook applies them), each widened from its rows to the whole batch, in layer order.
 
     A decode plan edits whole rows (its specs have scope ``all``: :func:`~server.engine.batch.decode_spec`)."""
     if plan is None or plan.is_noop:
         return ()
     batch = len(plan.rows)
-    keyed: dict[tuple[int, str], list[tuple[int, float]]] = {}
-    for row, spec in enumerate(plan.rows):
-        if spec is None or spec.is_noop:
-            continue
-        if spec.scope != "all":
-            raise ValueError("a compiled decode step edits whole rows: scope must be 'all' at decode")
-        for layer in spec.layers:
-            keyed.setdefault((layer, spec.adapter), []).append((row, spec.alpha))
     edits = []
-    for (layer, adapter), members in sorted(keyed.items()):
-        alpha = torch.zeros((batch, 1), dtype=torch.float32)
-        rows = torch.zeros((batch, 1), dtype=torch.bool)
-        for row, value in members:
-            alpha[row, 0] = value
-            rows[row, 0] = True
-        module = registry.get(adapter).edit_module(layer)
-        edits.append(InlineEdit(layer, module, alpha.to(device), rows.to(device)))
+    for layer in plan.layers:
+        for group in plan.groups(layer, 1, device):
+            if group.mask is not None:
+                raise ValueError("a compiled decode step edits whole rows: scope must be 'all' at decode")
+            alpha = torch.zeros((batch, 1), dtype=torch.float32, device=device).index_copy(0, group.rows, group.alpha)
+            rows = torch.zeros((batch, 1), dtype=torch.bool, device=device).index_fill(0, group.rows, True)
+            edits.append(InlineEdit(layer, registry.get(group.adapter).edit_module(layer), alpha, rows))
     return tuple(edits)
 
 
