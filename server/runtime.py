@@ -79,6 +79,7 @@ def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) 
         prefill_chunk=settings.prefill_chunk or None,
         mixed_prefill=settings.mixed_prefill,
         compile_decode=settings.compile_decode,
+        compile_max_graphs=settings.compile_max_graphs,
     )
     return engine
 

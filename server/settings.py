@@ -86,6 +86,13 @@ class ServerSettings(BaseSettings):
         "development CPU, but every stream waits while a new batch shape or edit set compiles (a minute or more "
         "there): off by default (docs/benchmarks.md).",
     )
+    compile_max_graphs: int = Field(
+        default=4,
+        ge=1,
+        description="With --compile-decode: graphs compiled at most (one per set of edited layers and adapters, with "
+        "edit statistics or not, one row or more); steps that would need another run eagerly. On a CPU each graph "
+        "holds a packed copy of the weights: 0.65-0.8 GB for SmolLM2 in fp32.",
+    )
     api_key: StrList = Field(
         default_factory=list, description="Accepted API key (Bearer token). Without any key, no authentication."
     )

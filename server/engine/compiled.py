@@ -14,9 +14,11 @@ step is a function of tensors:
   Every row goes through the module's ``edit``; a row outside the mask is left unchanged and not counted, so rows
   with different edits (or none) share the step. Statistics are summed in the graph per (row, layer).
 - **What recompiles:** the graph is specialised on the batch's set of (layer, adapter) pairs (the module
-  objects) and on whether statistics are collected; alphas are tensors and never recompile. The batch size and
-  the cache capacity are shapes: dynamo compiles the first shape statically and, when one changes, once more
-  with that dimension dynamic (its "automatic dynamic shapes"), so a growing cache does not recompile each time.
+  objects), on whether statistics are collected and on a batch of one row or more; alphas are tensors and never
+  recompile. The batch size and the cache capacity are dynamic dimensions: one graph serves every size.
+- **Graphs are few, on purpose:** on a CPU each frozen graph holds its own packed copy of the weights (SmolLM2
+  fp32: 0.65-0.8 GB per graph, bench/compiled_memory.py). After ``max_graphs`` graphs, a step that would need
+  another runs eagerly (:meth:`CompiledDecoder.forward` returns None), so varied edits cannot exhaust memory.
 
 Only for Llama-type models with SDPA attention (the layer loop below is Llama's forward), as the mixed prefill.
 On CUDA the same graph runs without CUDA graphs (``mode="default"``): the batch size is not bucketed here.
@@ -24,7 +26,7 @@ On CUDA the same graph runs without CUDA graphs (``mode="default"``): the batch 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +40,11 @@ from hpr.registry import AdapterRegistry
 from server.engine.kv_cache import BatchKVCache
 from server.engine.mixed import can_mix
 
-# Recompiles allowed for the step (distinct sets of (layer, adapter) pairs, stats on/off, first dynamic shapes);
-# past it dynamo runs the step eagerly, which is still correct.
+# Recompiles dynamo allows the step; past it dynamo runs the step eagerly, which is still correct. The engine's
+# own bound (max_graphs) is lower: this only guards against a guard failing where none was expected.
 RECOMPILE_LIMIT = 32
+# Graphs compiled at most by default (each holds a packed copy of the weights on a CPU: see the module docstring).
+MAX_GRAPHS = 4
 
 
 def can_compile(model: nn.Module) -> bool:
@@ -136,7 +140,9 @@ def _decode_step(
 class CompiledDecoder:
     """Runs decode steps through one ``torch.compile``'d :func:`_decode_step` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, registry: AdapterRegistry, num_layers: int) -> None:
+    def __init__(
+        self, model: nn.Module, registry: AdapterRegistry, num_layers: int, max_graphs: int = MAX_GRAPHS
+    ) -> None:
         if not can_compile(model):
             raise ValueError("the compiled decode step needs a Llama-type model with attn_implementation 'sdpa'")
         self.model = model
@@ -153,6 +159,10 @@ class CompiledDecoder:
         self._freeze = self.device.type == "cpu"
         self._step = torch.compile(_decode_step)
         self._edits: tuple[object, tuple[InlineEdit, ...]] | None = None  # (plan, its inline edits)
+        if max_graphs < 1:
+            raise ValueError("max_graphs must be ≥ 1")
+        self.max_graphs = max_graphs
+        self.graphs: set[tuple[Hashable, ...]] = set()  # the keys (graph_key) of the graphs compiled so far
 
     def edits_for(self, plan: EditPlan | None) -> tuple[InlineEdit, ...]:
         """The plan's inline edits, built once per plan (a decode plan lives as long as its batch's rows)."""
@@ -164,11 +174,26 @@ class CompiledDecoder:
             self._edits = (plan, edits)
         return self._edits[1]
 
+    @staticmethod
+    def graph_key(edits: Sequence[InlineEdit], batch: int, stats: bool) -> tuple[Hashable, ...]:
+        """What selects a graph: the (layer, module) pairs, statistics on or off, and one row or more."""
+        return (tuple((e.layer, e.module) for e in edits), stats, batch == 1)
+
     def forward(
         self, cache: BatchKVCache, ids: Tensor, positions: Tensor, pad: Tensor, plan: EditPlan | None
-    ) -> Tensor:
+    ) -> Tensor | None:
         """Logits (B, V) float32 of ``ids`` (B, 1) appended to ``cache`` (one column); the plan's statistics, if
-        it collects them, go to ``plan.sums``. ``cache`` gains the column only when the step succeeds."""
+        it collects them, go to ``plan.sums``. ``cache`` gains the column only when the step succeeds.
+
+        None, with nothing done, when the step needs a graph not compiled yet and ``max_graphs`` are: the caller
+        runs the eager step."""
+        edits = self.edits_for(plan)
+        stats = plan is not None and plan.collect_stats
+        key = self.graph_key(edits, len(ids), stats)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                return None
+            self.graphs.add(key)  # compiled by the call below
         if self._freeze and not torch._inductor.config.freezing:
             torch._inductor.config.freezing = True  # this thread's (see __init__)
         length = cache.length
@@ -181,7 +206,6 @@ class CompiledDecoder:
         column = torch.tensor([length], dtype=torch.long, device=self.device)
         keys = [layer.keys for layer in layers if layer.keys is not None]
         values = [layer.values for layer in layers if layer.values is not None]
-        stats = plan is not None and plan.collect_stats
         # The batch size and the capacity are dynamic from the first compile: one graph for every size (dynamo
         # still gives a batch of 1 its own), not one per size met. Built afresh each step: marks cost nothing.
         for tensor in (ids, positions, mask):
@@ -190,9 +214,7 @@ class CompiledDecoder:
         for tensor in (*keys, *values):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        logits, sums = self._step(
-            self.model, ids, positions, mask, column, keys, values, self.edits_for(plan), self.num_layers, stats
-        )
+        logits, sums = self._step(self.model, ids, positions, mask, column, keys, values, edits, self.num_layers, stats)
         for layer in layers:
             layer.length = length + 1
         if plan is not None and sums is not None:

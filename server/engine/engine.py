@@ -39,6 +39,7 @@ from hpr.editing import HPREditor
 from hpr.model import LoadedModel
 from hpr.registry import AdapterRegistry
 from server.engine.batch import Batch, EngineEvent, RequestState
+from server.engine.compiled import MAX_GRAPHS
 from server.engine.output import OutputBuilder
 from server.engine.runner import ModelRunner, PrefillJob, StepOutcome
 from server.engine.sampling import new_generator
@@ -82,6 +83,9 @@ class Engine:
         compile_decode: run decode steps through one ``torch.compile``'d graph with the edits inline
             (:mod:`server.engine.compiled`; Llama-type models with SDPA attention). The first step of a new
             batch shape or edit set compiles (tens of seconds on a CPU). False: the eager forward.
+        compile_max_graphs: with ``compile_decode``, compile at most this many graphs (one per edit set, with
+            statistics or not, one row or more); steps that would need another run eagerly. On a CPU each graph
+            holds a packed copy of the weights (0.65-0.8 GB for SmolLM2 in fp32).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Engine:
         prefill_chunk: int | None = None,
         mixed_prefill: bool = True,
         compile_decode: bool = False,
+        compile_max_graphs: int = MAX_GRAPHS,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
@@ -126,6 +131,7 @@ class Engine:
             vocab_size=self.vocab_size,
             on_edit=self._on_edit,
             compile_decode=compile_decode,
+            compile_max_graphs=compile_max_graphs,
         )
         self._token_text: dict[int, str] = {}
         self._lock = threading.Condition()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from hpr.editing import EditPlan, HPREditor
 from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState, mixed_edit_plan
-from server.engine.compiled import CompiledDecoder
+from server.engine.compiled import MAX_GRAPHS, CompiledDecoder
 from server.engine.kv_cache import BatchKVCache
 from server.engine.mixed import MixedCache, can_mix, mixed_attention_for
 from server.engine.sampling import SamplingState, process_logits, sample
@@ -69,6 +69,7 @@ class ModelRunner:
         vocab_size: int,
         on_edit: Callable[[int, int], None] | None = None,
         compile_decode: bool = False,
+        compile_max_graphs: int = MAX_GRAPHS,
     ) -> None:
         self.model = model
         self.editor = editor
@@ -85,7 +86,9 @@ class ModelRunner:
         self._decode_plan: DecodePlan | None = None  # the last decode step's, reused while the rows stay the same
         self.mixable = can_mix(model)  # decode steps and prefill chunks may share a forward
         # decode steps through one torch.compile'd graph (server.engine.compiled), or the eager forward
-        self.compiled = CompiledDecoder(model, editor.registry, self.num_layers) if compile_decode else None
+        self.compiled = (
+            CompiledDecoder(model, editor.registry, self.num_layers, compile_max_graphs) if compile_decode else None
+        )
 
     # ---- forward passes -------------------------------------------------------------------------------------
     def _mask(self, mask: Tensor | None) -> Tensor | None:
@@ -357,11 +360,12 @@ class ModelRunner:
         plan = decode.plan
         length = batch.length
         try:
-            if self.compiled is not None:
+            logits = None
+            if self.compiled is not None:  # None: a graph it may not compile (compile_max_graphs reached)
                 logits = self.compiled.forward(
                     batch.cache, batch.next_tokens[:, None], batch.positions(), batch.pad, plan
                 )
-            else:
+            if logits is None:
                 logits = self._forward(
                     batch.next_tokens[:, None], batch.positions(), batch.attention_mask(), batch.cache, plan
                 )

@@ -58,6 +58,7 @@ def test_env_vars_with_flags_winning(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--adapter", "a=/x", "--adapter", "a=/y"], "used twice"),
         (["--adapter", "=/x"], "NAME=PATH"),
         (["--log-level", "loud"], "--log-level"),
+        (["--compile-max-graphs", "0"], "--compile-max-graphs"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_problem(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,8 @@ from server.cli import parse_settings
 def test_the_flag_parses_and_defaults_off() -> None:
     assert parse_settings([]).compile_decode is False
     assert parse_settings(["--compile-decode"]).compile_decode is True
+    assert parse_settings([]).compile_max_graphs == 4
+    assert parse_settings(["--compile-max-graphs", "2"]).compile_max_graphs == 2
 
 
 def test_the_compiled_server_answers_as_the_eager_one(tiny_settings: Any) -> None:

@@ -215,3 +215,58 @@ def test_frozen_weights_of_another_adapter_are_not_reused(tiny_loaded: LoadedMod
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     finally:
         torch._inductor.config.freezing = previous
+
+
+def test_past_max_graphs_steps_run_eagerly_and_compile_nothing(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each frozen graph holds a packed copy of the weights, so the engine compiles at most ``compile_max_graphs``:
+    with 1, a second edit set's steps run eagerly (the step returns None), compile no graph, and give the same
+    tokens and logprobs as an eager engine."""
+    paths: list[str] = []
+    forward = CompiledDecoder.forward
+
+    def recording(self: CompiledDecoder, *args: Any) -> Any:
+        logits = forward(self, *args)
+        paths.append("eager" if logits is None else "compiled")
+        return logits
+
+    monkeypatch.setattr(CompiledDecoder, "forward", recording)
+    edits = {"tiny": tiny_editor.resolve("tiny", "all", alpha=2.0), "none": None}
+
+    def ask(compiled: bool) -> tuple[dict[str, Any], int]:
+        async def main() -> tuple[dict[str, Any], int]:
+            engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compiled, compile_max_graphs=1)
+            engine.start()
+            try:
+                out: dict[str, Any] = {}
+                graphs = 0
+                for name, edit in edits.items():
+                    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+                    request = GenerationRequest(
+                        request_id=name,
+                        prompt_ids=[5, 6, 7],
+                        sampling=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=0),
+                        edit=edit,
+                    )
+                    outputs = await collect(engine, request)
+                    out[name] = (
+                        [t for o in outputs for t in o.token_ids],
+                        [lp.logprob for o in outputs for lp in o.logprobs or []],
+                    )
+                new_graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) - graphs
+                if compiled:
+                    assert engine.runner.compiled is not None and len(engine.runner.compiled.graphs) == 1
+                return out, new_graphs
+            finally:
+                await engine.stop()
+
+        return run(main())
+
+    (eager, _), (compiled, graphs_for_second) = ask(False), ask(True)
+    assert paths == ["compiled"] * 4 + ["eager"] * 4  # 4 decode steps each (the first token is the prefill's)
+    assert graphs_for_second == 0
+    for name in edits:
+        assert compiled[name][0] == eager[name][0] and len(eager[name][0]) == 5
+        assert compiled[name][1] == pytest.approx(eager[name][1], abs=1e-4)
+    assert eager["tiny"][0] != eager["none"][0] or eager["tiny"][1] != eager["none"][1]  # two different steps
