@@ -25,9 +25,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import httpx
+from openai import OpenAI
 
 from hpr.model import EMBEDDED_MODEL_ID
 from trainer import data as D
@@ -36,24 +35,18 @@ from trainer.gen_client import LocalServer, list_models
 
 
 def sample(
-    base_url: str, model: str, question: str, n: int, temperature: float, max_tokens: int, seed: int
+    client: OpenAI, model: str, question: str, n: int, temperature: float, max_tokens: int, seed: int
 ) -> list[str]:
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "n": n,
-        "seed": seed,
-    }
-    for _ in range(60):
-        r = httpx.post(base_url + "/chat/completions", json=body, timeout=600)
-        if r.status_code == 429:
-            time.sleep(1.0)
-            continue
-        r.raise_for_status()
-        return [c["message"]["content"] or "" for c in r.json()["choices"]]
-    raise RuntimeError("server kept answering 429")
+    """``n`` chat answers to ``question`` (the SDK retries the server's 429s)."""
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=temperature,
+        n=n,
+        seed=seed,
+    )
+    return [choice.message.content or "" for choice in response.choices]
 
 
 def label(text: str, true_refs: list[str], false_refs: list[str]) -> tuple[str, M.Truthfulness]:
@@ -94,13 +87,12 @@ def main() -> int:
     started = time.monotonic()
     with LocalServer(EMBEDDED_MODEL_ID, {}, threads=args.threads, max_batch_size=128) as srv:
         model = next(m["id"] for m in list_models(srv.base_url) if not m.get("parent"))
+        client = OpenAI(base_url=srv.base_url, api_key="unused", max_retries=60, timeout=600)
 
         def one(q: D.Question) -> list[str]:
-            texts = sample(
-                srv.base_url, model, q.question, args.n, args.temperature, args.max_tokens, args.seed + q.index
-            )
+            texts = sample(client, model, q.question, args.n, args.temperature, args.max_tokens, args.seed + q.index)
             if args.include_greedy:
-                texts += sample(srv.base_url, model, q.question, 1, 0.0, args.max_tokens, 0)
+                texts += sample(client, model, q.question, 1, 0.0, args.max_tokens, 0)
             return texts
 
         with ThreadPoolExecutor(args.concurrency) as pool:
