@@ -38,8 +38,10 @@ from server.engine.types import GenerationRequest, SamplingParams
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 
 
-async def streams(engine: Engine, ids: list[int], batch: int, n: int, edit: EditSpec | None) -> float:
-    """Aggregate decode tok/s of ``batch`` concurrent requests."""
+async def streams(
+    engine: Engine, ids: list[int], batch: int, n: int, edit: EditSpec | None, stats: bool = False
+) -> float:
+    """Aggregate decode tok/s of ``batch`` concurrent requests (``stats``: each asks for edit statistics)."""
     sampling = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     first: list[float] = []
     last: list[float] = []
@@ -47,7 +49,8 @@ async def streams(engine: Engine, ids: list[int], batch: int, n: int, edit: Edit
 
     async def one(i: int) -> None:
         stamps: list[float] = []
-        async for out in engine.generate(GenerationRequest(f"{tag}-{i}", ids, sampling, edit=edit)):
+        request = GenerationRequest(f"{tag}-{i}", ids, sampling, edit=edit, return_stats=stats)
+        async for out in engine.generate(request):
             stamps.extend([time.perf_counter()] * len(out.token_ids))
         first.append(stamps[0])
         last.append(stamps[-1])

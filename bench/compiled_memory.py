@@ -18,17 +18,16 @@ import gc
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from bench.compiled_decode import streams
 from hpr.checkpoint import HPRAdapter
 from hpr.editing import HPREditor
 from hpr.model import EMBEDDED_MODEL_ID, load_model
 from server.engine.engine import Engine
-from server.engine.types import GenerationRequest, SamplingParams
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "runs" / "truthfulqa" / "checkpoint"
 
@@ -40,16 +39,6 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-async def ask(engine: Engine, ids: list[int], rows: int, tokens: int, edit: Any, stats: bool, tag: str) -> None:
-    async def one(i: int) -> None:
-        sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        request = GenerationRequest(f"{tag}-{i}", ids, sampling, edit=edit, return_stats=stats)
-        async for _ in engine.generate(request):
-            pass
-
-    await asyncio.gather(*(one(i) for i in range(rows)))
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
         previous = rss_mib()
         for name, rows, edit, stats in steps:
             start = time.perf_counter()
-            loop.run_until_complete(ask(engine, ids, rows, args.tokens, edit, stats, name))
+            loop.run_until_complete(streams(engine, ids, rows, args.tokens, edit, stats))
             seconds = time.perf_counter() - start
             now = rss_mib()
             print(f"{name:>32}: {seconds:6.1f} s, RSS {now:.0f} MiB ({now - previous:+.0f})", flush=True)
