@@ -17,7 +17,9 @@ imports ``sitecustomize`` at start-up; without the variable this file does nothi
 import os
 
 if os.environ.get("HPR_EDIT_PREFIX_BY_ALPHA"):
-    from hpr.editing import EditPlan
+    from dataclasses import replace
+    from types import SimpleNamespace
+
     from server.engine import batch as _b
 
     _PREFIX = {1: 4, 2: 8, 3: 16}
@@ -29,21 +31,17 @@ if os.environ.get("HPR_EDIT_PREFIX_BY_ALPHA"):
         limit = _limit(state.request.edit)
         return limit is None or len(state.generated) < limit
 
+    def _shown(state):  # type: ignore[no-untyped-def]
+        """The request state as the plan builders should see it: without its edit once past its N tokens."""
+        return state if _active(state) else SimpleNamespace(request=SimpleNamespace(edit=None), stats=state.stats)
+
+    _build = _b.DecodePlan.build.__func__
     _fits = _b.DecodePlan.fits
 
     def _prefix_build(cls, requests):  # type: ignore[no-untyped-def]
-        """DecodePlan.build with the spec of a request past its N tokens dropped."""
-        active = tuple(_active(r) for r in requests)
-        specs = [_b.decode_spec(r.request.edit) if on else None for r, on in zip(requests, active, strict=True)]
-        counts: dict[int, int] = {}
-        for spec in specs:
-            for layer in spec.layers if spec is not None else ():
-                counts[layer] = counts.get(layer, 0) + 1
-        collect = any(r.stats is not None for r in requests)
-        plan = None if all(s is None for s in specs) else EditPlan(rows=specs, collect_stats=collect)
-        out = cls(rows=tuple(requests), plan=plan, edited_rows=counts)
-        out._hpr_active = active
-        return out
+        plan = replace(_build(cls, [_shown(r) for r in requests]), rows=tuple(requests))
+        plan._hpr_active = tuple(_active(r) for r in requests)
+        return plan
 
     def _prefix_fits(self, batch):  # type: ignore[no-untyped-def]
         return _fits(self, batch) and getattr(self, "_hpr_active", None) == tuple(_active(r) for r in batch.requests)
@@ -51,16 +49,11 @@ if os.environ.get("HPR_EDIT_PREFIX_BY_ALPHA"):
     _b.DecodePlan.build = classmethod(_prefix_build)
     _b.DecodePlan.fits = _prefix_fits
 
-    from types import SimpleNamespace
-
     from server.engine import runner as _r
 
     _mixed = _r.mixed_edit_plan
 
     def _prefix_mixed(decoding, prefilling, inputs, start, stop):  # type: ignore[no-untyped-def]
-        """mixed_edit_plan with the decode rows past their N tokens shown as unedited."""
-        shown = [r if _active(r) else SimpleNamespace(request=SimpleNamespace(edit=None), stats=r.stats)
-                 for r in decoding]  # fmt: skip
-        return _mixed(shown, prefilling, inputs, start, stop)
+        return _mixed([_shown(r) for r in decoding], prefilling, inputs, start, stop)
 
     _r.mixed_edit_plan = _prefix_mixed
