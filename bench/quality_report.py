@@ -41,7 +41,9 @@ def _edit(report: dict[str, Any], name: str) -> str:
     if applied is None:
         return "none"
     layers = ",".join(str(x) for x in applied["layers"])
-    return f"{applied['adapter']}: layers {layers}, α {applied['alpha']:g}, scope {applied['scope']}"
+    tokens = applied.get("edit_tokens", "all")
+    limit = "" if tokens == "all" else f", first {tokens} tokens"
+    return f"{applied['adapter']}: layers {layers}, α {applied['alpha']:g}, scope {applied['scope']}{limit}"
 
 
 def table(report: dict[str, Any], names: list[str]) -> str:

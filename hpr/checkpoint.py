@@ -74,6 +74,14 @@ class HPRConfig:
             "prompt token and the generated ones). Chosen, like default_alpha, by the generation-mode evaluation."
         },
     )
+    default_edit_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many generated tokens a request edits when it gives no edit_tokens: the first N are produced "
+            "from edited states, the rest unedited (null: every one). Chosen, like default_alpha, by the "
+            "generation-mode evaluation."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Checkpoint format version."})
     training: dict[str, Any] = field(default_factory=dict, metadata={"help": "Provenance: data, seed, options."})
 
@@ -98,6 +106,9 @@ class HPRConfig:
             raise CheckpointError(f"default_alpha must be finite and in [0, {MAX_ALPHA}], got {self.default_alpha}")
         if self.default_scope not in ("all", "generated"):
             raise CheckpointError(f"default_scope must be 'all' or 'generated', got {self.default_scope!r}")
+        limit = self.default_edit_tokens
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise CheckpointError(f"default_edit_tokens must be null or a whole number ≥ 1, got {limit!r}")
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -394,7 +405,7 @@ def save_seed_format(adapter: HPRAdapter, directory: str | os.PathLike[str]) -> 
     ``guidance_config.json`` holds every ``GuidanceConfig`` field; ``selected_layers`` is the ``{layer: accuracy}``
     object of ``--top_k`` when every selected layer has a probe accuracy, else a list (as ``--threshold`` leaves
     it). ``probe_results.json`` is written when the adapter has probe accuracies. The seed has no field for
-    ``default_alpha`` / ``default_scope``: they are not written.
+    ``default_alpha`` / ``default_scope`` / ``default_edit_tokens``: they are not written.
     """
     config = adapter.config
     if config.method != "hpr":

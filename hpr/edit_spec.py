@@ -10,22 +10,28 @@ from hpr.errors import EditSpecError
 from hpr.householder import MAX_ALPHA
 
 Scope = Literal["all", "generated"]
+EditTokens = int | Literal["all"]  # how many generated tokens a request edits: a count, or every one
 
 
 @dataclass(frozen=True)
 class EditSpec:
-    """Edit ``layers`` with ``adapter`` at strength ``alpha`` over ``scope``. Made by ``AdapterRegistry.resolve``."""
+    """Edit ``layers`` with ``adapter`` at strength ``alpha`` over ``scope``, and only while the first ``tokens``
+    generated tokens are produced (None: every one). Made by ``AdapterRegistry.resolve``."""
 
     adapter: str
     layers: tuple[int, ...]
     alpha: float = 1.0
     scope: Scope = "all"
+    tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha) or not 0.0 <= self.alpha <= MAX_ALPHA:
             raise EditSpecError(f"alpha must be a finite number in [0, {MAX_ALPHA}], got {self.alpha}", "hpr.alpha")
         if self.scope not in ("all", "generated"):
             raise EditSpecError(f"scope must be 'all' or 'generated', got {self.scope!r}", "hpr.scope")
+        limit = self.tokens
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise EditSpecError(f"edit_tokens must be a whole number ≥ 1 or 'all', got {limit!r}", "hpr.edit_tokens")
 
     @property
     def is_noop(self) -> bool:
@@ -35,3 +41,14 @@ class EditSpec:
         """The scope rule, in one place: positions ≥ this are edited. ``all``: every position (0); ``generated``:
         the last prompt token and every generated one (``prompt_length − 1``)."""
         return 0 if self.scope == "all" else max(prompt_length - 1, 0)
+
+    def edited_positions_end(self, prompt_length: int) -> int | None:
+        """The token limit, in one place: positions < this are edited (None: no limit). Generated token ``k``
+        (1-based) is produced at position ``prompt_length − 2 + k``, so the first ``tokens`` of them come from
+        positions < ``prompt_length − 1 + tokens``; the prompt's own positions are always below that."""
+        return None if self.tokens is None else prompt_length - 1 + self.tokens
+
+    def edits_decode_step(self, generated: int) -> bool:
+        """Whether a decode step's input (the ``generated``-th generated token, at position ``prompt − 1 +
+        generated``) is edited: :meth:`edited_positions_end` for one position, without the prompt length."""
+        return self.tokens is None or generated < self.tokens

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from hpr.checkpoint import HPRAdapter
 from hpr.decoder_layers import find_decoder_layers, hidden_size, layer_output_tensor, replace_layer_output
-from hpr.edit_spec import EditSpec, Scope
+from hpr.edit_spec import EditSpec, EditTokens, Scope
 from hpr.edit_stats import EditStats, EditStatsCounter, empty_sums
 from hpr.registry import AdapterRegistry, parse_layers
 
@@ -62,8 +62,8 @@ class EditPlan:
         positions: (B, T) absolute token positions of the input, needed for scope ``generated`` when the input
             is not a fresh unpadded prompt (None = ``arange(T)`` for every row).
         prompt_lengths: per row, the prompt's length in tokens; scope ``generated`` edits positions
-            ≥ prompt_length − 1 (the last prompt token and the generated ones). None = the whole current input is
-            the prompt.
+            ≥ prompt_length − 1 (the last prompt token and the generated ones), and a spec's ``tokens`` limit
+            positions < prompt_length − 1 + tokens. None = the whole current input is the prompt.
         collect_stats: accumulate per (row, layer) statistics (read them with :meth:`row_stats`, or move them
             into per-request counters with :meth:`flush_stats`).
         valid: (B, T) bool, False at padding positions of a padded batch: those are never edited nor counted
@@ -141,9 +141,12 @@ class EditPlan:
             row_mask: Tensor | None = None
             if spec is None or spec.is_noop:
                 pass
-            elif spec.scope == "generated":
+            elif spec.scope == "generated" or spec.tokens is not None:
                 prompt = self.prompt_lengths[i] if self.prompt_lengths is not None else int(positions[i].max()) + 1
                 row_mask = positions[i] >= spec.first_edited_position(prompt)  # (T,)
+                end = spec.edited_positions_end(prompt)
+                if end is not None:
+                    row_mask = row_mask & (positions[i] < end)
             if valid is not None and spec is not None and not spec.is_noop:
                 row_mask = valid[i] if row_mask is None else row_mask & valid[i]
             mask_cache[i] = row_mask
@@ -210,9 +213,10 @@ class HPREditor:
         layers: str | Sequence[int] | None = "selected",
         alpha: float | None = None,
         scope: Scope | None = None,
+        tokens: EditTokens | None = None,
     ) -> EditSpec:
         """:meth:`AdapterRegistry.resolve` on this editor's registry."""
-        return self.registry.resolve(adapter, layers, alpha, scope)
+        return self.registry.resolve(adapter, layers, alpha, scope, tokens)
 
     @contextmanager
     def apply(self, plan: EditPlan | None) -> Iterator[EditPlan | None]:

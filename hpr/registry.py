@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from hpr.checkpoint import HPRAdapter
-from hpr.edit_spec import EditSpec, Scope
+from hpr.edit_spec import EditSpec, EditTokens, Scope
 from hpr.errors import AdapterConflictError, EditSpecError, HPRError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -205,11 +205,13 @@ class AdapterRegistry:
         layers: str | Sequence[int] | None = "selected",
         alpha: float | None = None,
         scope: Scope | None = None,
+        tokens: EditTokens | None = None,
     ) -> EditSpec:
         """Validate a request's edit against the routable adapters and return the spec to put in a plan.
 
-        ``alpha=None`` takes the adapter's ``default_alpha`` and ``scope=None`` its ``default_scope`` (the
-        settings its evaluation chose).
+        ``alpha=None`` takes the adapter's ``default_alpha``, ``scope=None`` its ``default_scope`` and
+        ``tokens=None`` its ``default_edit_tokens`` (the settings its evaluation chose); ``tokens="all"`` edits
+        every generated token.
         """
         chosen = self._adapters.get(adapter)
         if chosen is None or adapter in self._unloading:
@@ -218,4 +220,5 @@ class AdapterRegistry:
             )
         strength = chosen.config.default_alpha if alpha is None else alpha
         where: Any = chosen.config.default_scope if scope is None else scope
-        return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=where)
+        limit = chosen.config.default_edit_tokens if tokens is None else None if tokens == "all" else tokens
+        return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=where, tokens=limit)

@@ -115,6 +115,12 @@ class HPRRequest(RequestModel):
         description="'all' edits every position; 'generated' only the last prompt token and generated ones. "
         "Default: the adapter's `default_scope` ('all' for checkpoints that do not record one).",
     )
+    edit_tokens: PositiveInt | Literal["all"] | None = Field(
+        default=None,
+        description="Edit only while the first N generated tokens are produced; the rest of the answer is generated "
+        "from unedited states (the prompt's positions follow `scope` as before). 'all' edits every generated token. "
+        "Default: the adapter's `default_edit_tokens` ('all' for checkpoints that do not record one).",
+    )
     return_stats: bool = Field(default=False, description="Return per-layer edit statistics with each choice.")
 
 
@@ -137,6 +143,7 @@ class HPRApplied(OpenAIModel):
     layers: list[int]
     alpha: float
     scope: Literal["all", "generated"]
+    edit_tokens: int | Literal["all"] = Field(description="Generated tokens edited: a count, or 'all'.")
 
 
 # --- shared --------------------------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+def _edit_tokens(text: str) -> int | str:
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1 or 'all', got {text!r}")
+    return int(text)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -189,6 +197,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "[the checkpoint's default_scope]",
     )
     s.add_argument(
+        "--edit-tokens",
+        type=_edit_tokens,
+        default=None,
+        metavar="N|all",
+        help="select: how many generated tokens a request edits, recorded as default_edit_tokens [all]; eval: "
+        "the limit to score (the answer's first N tokens from edited states) [the checkpoint's]",
+    )
+    s.add_argument(
         "--eval-split", choices=("test", "eval", "train"), default="test", help="split to report MC1/MC2 on [test]"
     )
     s.add_argument(
@@ -265,6 +281,7 @@ def config_from_args(args: argparse.Namespace) -> P.RunConfig:
         min_accuracy=args.min_accuracy,
         alpha=args.alpha,
         scope=args.scope,
+        edit_tokens=args.edit_tokens,
         eval_split=args.eval_split,
         sweep_k=args.sweep_k,
         sweep_alpha=args.sweep_alpha,

@@ -52,13 +52,14 @@ class ConfigError(TrainerError):
 @dataclass(frozen=True)
 class EditConfig:
     """One configuration to evaluate: ``adapter`` None is the base model. Unset fields take the server's default
-    (the adapter's selected layers, ``default_alpha``, ``default_scope``)."""
+    (the adapter's selected layers, ``default_alpha``, ``default_scope``, ``default_edit_tokens``)."""
 
     name: str
     adapter: str | None
     layers: str | None = None
     alpha: float | None = None
     scope: str | None = None
+    tokens: int | str | None = None  # the request's edit_tokens: a count, or "all"
 
     def hpr(self) -> dict[str, Any] | None:
         if self.adapter is None:
@@ -70,26 +71,31 @@ class EditConfig:
             body["alpha"] = self.alpha
         if self.scope is not None:
             body["scope"] = self.scope
+        if self.tokens is not None:
+            body["edit_tokens"] = self.tokens
         return body
 
 
 def parse_config(text: str) -> EditConfig:
-    """``[NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S]``, e.g. ``chat2=chat:layers=16,17,19:alpha=2:scope=all``."""
+    """``[NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S][:tokens=N]``, e.g.
+    ``chat2=chat:layers=16,17,19:alpha=2:scope=all`` (``tokens``: the request's ``edit_tokens``, N or ``all``)."""
     head, *rest = text.split(":")
     name, _, adapter = head.partition("=")
     if not adapter:
         name, adapter = head, head
     name, adapter = name.strip(), adapter.strip()
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not adapter:
-        raise ConfigError(f"configuration {text!r}: expected [NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S]")
+        raise ConfigError(f"configuration {text!r}: expected [NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S][:tokens=N]")
     if name == BASE:
         raise ConfigError(f"configuration {text!r}: the name {BASE!r} is the unedited base model, choose another")
     fields: dict[str, str] = {}
     for part in rest:
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in ("layers", "alpha", "scope") or key in fields:
-            raise ConfigError(f"configuration {text!r}: bad field {part!r} (layers=, alpha=, scope=, once each)")
+        if not sep or key not in ("layers", "alpha", "scope", "tokens") or key in fields:
+            raise ConfigError(
+                f"configuration {text!r}: bad field {part!r} (layers=, alpha=, scope=, tokens=, once each)"
+            )
         fields[key] = value.strip()
     alpha: float | None = None
     if "alpha" in fields:
@@ -100,7 +106,13 @@ def parse_config(text: str) -> EditConfig:
     scope = fields.get("scope")
     if scope is not None and scope not in SCOPES:
         raise ConfigError(f"configuration {text!r}: scope must be one of {SCOPES}, got {scope!r}")
-    return EditConfig(name=name, adapter=adapter, layers=fields.get("layers"), alpha=alpha, scope=scope)
+    given = fields.get("tokens")
+    tokens: int | str | None = given
+    if given is not None and given != "all":
+        if not given.isdigit() or int(given) < 1:
+            raise ConfigError(f"configuration {text!r}: tokens must be a whole number ≥ 1 or 'all', got {given!r}")
+        tokens = int(given)
+    return EditConfig(name=name, adapter=adapter, layers=fields.get("layers"), alpha=alpha, scope=scope, tokens=tokens)
 
 
 @dataclass
@@ -431,7 +443,9 @@ def _chat_mc(
                 continue
             contexts = PassContexts()
             if cfg.adapter is not None and edit is not None:
-                spec = editor.resolve(cfg.adapter, edit["layers"], edit["alpha"], edit["scope"])
+                spec = editor.resolve(
+                    cfg.adapter, edit["layers"], edit["alpha"], edit["scope"], edit.get("edit_tokens", "all")
+                )
                 contexts = scope_contexts(editor, spec)
             scores = score_questions(
                 lm.model,

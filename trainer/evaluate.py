@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from hpr.checkpoint import HPRAdapter
+from hpr.edit_spec import EditTokens
 from hpr.editing import EditPlan, EditSpec, HPREditor, Scope
 from trainer.data import Question
 from trainer.prefix_cache import ForwardContext, FrozenCache, PrefixRunner, no_edit, plan_batches
@@ -151,23 +152,34 @@ def score_questions(
 
 def scope_contexts(editor: HPREditor, spec: EditSpec) -> PassContexts:
     """Each scoring pass edited as serving edits it: scope ``all`` everywhere; ``generated`` from the last prompt
-    token on (the shared prefix never, a question's own prompt pass only at its last token, every answer token)."""
+    token on (the shared prefix never, a question's own prompt pass only at its last token, every answer token).
+    With a token limit N (``spec.tokens``), an answer's first N tokens are scored from edited states and the rest
+    from unedited ones, as they are generated: the answer pass edits its first N − 1 positions."""
 
-    def plan(s: EditSpec) -> ForwardContext:
-        return lambda batch: editor.apply(EditPlan([s] * batch))
+    def plan(s: EditSpec, answer_pass: bool = False) -> ForwardContext:
+        # An answer pass starts at the answer's first token (right-padded rows, positions from 0): its position
+        # j is the input that produces answer token j + 2, as a prompt of length 0 would put it.
+        return lambda batch: editor.apply(EditPlan([s] * batch, prompt_lengths=[0] * batch if answer_pass else None))
 
-    if spec.scope == "all":
+    if spec.scope == "all" and spec.tokens is None:
         return PassContexts.every_pass(plan(spec))
     # A plan without prompt lengths treats the pass's whole input as the prompt: scope `generated` then edits
-    # exactly its last position.
-    return PassContexts(shared=no_edit, prompt=plan(spec), answers=plan(replace(spec, scope="all")))
+    # exactly its last position (and a token limit ≥ 1 keeps every prompt position).
+    shared = plan(spec) if spec.scope == "all" else no_edit
+    return PassContexts(shared=shared, prompt=plan(spec), answers=plan(replace(spec, scope="all"), answer_pass=True))
 
 
 def edit_context(
-    editor: HPREditor, adapter_name: str, layers: Sequence[int], alpha: float, scope: Scope = "all"
+    editor: HPREditor,
+    adapter_name: str,
+    layers: Sequence[int],
+    alpha: float,
+    scope: Scope = "all",
+    tokens: EditTokens = "all",
 ) -> PassContexts:
-    """Every forward pass edits ``layers`` at ``alpha`` on the positions ``scope`` edits when serving."""
-    return scope_contexts(editor, editor.resolve(adapter_name, list(layers), alpha, scope))
+    """Every forward pass edits ``layers`` at ``alpha`` on the positions ``scope`` and ``tokens`` (the request's
+    ``edit_tokens``) edit when serving."""
+    return scope_contexts(editor, editor.resolve(adapter_name, list(layers), alpha, scope, tokens))
 
 
 def score_edited(
@@ -178,11 +190,13 @@ def score_edited(
     layers: Sequence[int],
     alpha: float,
     scope: Scope = "all",
+    tokens: EditTokens = "all",
     **kwargs: Any,
 ) -> list[MCScore]:
     editor = HPREditor(model, {"hpr": adapter})
     try:
-        return score_questions(model, tokenizer, questions, edit_context(editor, "hpr", layers, alpha, scope), **kwargs)
+        contexts = edit_context(editor, "hpr", layers, alpha, scope, tokens)
+        return score_questions(model, tokenizer, questions, contexts, **kwargs)
     finally:
         editor.detach()
 
@@ -199,6 +213,7 @@ class ScoringJob:
     alpha: float
     questions: tuple[Question, ...]
     scope: Scope = "all"
+    tokens: EditTokens = "all"
 
 
 def _score_job(job: ScoringJob) -> tuple[list[MCScore], list[MCScore]]:
@@ -211,7 +226,7 @@ def _score_job(job: ScoringJob) -> tuple[list[MCScore], list[MCScore]]:
         return base, []
     adapter = HPRAdapter.load(job.checkpoint, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
     edited = score_edited(
-        lm.model, lm.tokenizer, job.questions, adapter, job.layers, job.alpha, job.scope, progress=False
+        lm.model, lm.tokenizer, job.questions, adapter, job.layers, job.alpha, job.scope, job.tokens, progress=False
     )
     return base, edited
 

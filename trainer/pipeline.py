@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter, HPRConfig
+from hpr.edit_spec import EditTokens
 from hpr.editing import Scope
 from hpr.householder import default_widths
 from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
@@ -73,6 +74,8 @@ class RunConfig:
     min_accuracy: float | None = None
     alpha: float | None = None  # select: recorded as default_alpha (None: SCORING_ALPHA); eval: the checkpoint's
     scope: str | None = None  # select: recorded as default_scope (None: "all"); eval: the checkpoint's
+    edit_tokens: EditTokens | None = None  # select: recorded as default_edit_tokens (None: "all"); eval: the
+    # checkpoint's
     eval_split: str = "test"
     sweep_k: tuple[int, ...] = ()
     sweep_alpha: tuple[float, ...] = ()
@@ -326,6 +329,7 @@ def stage_select(cfg: RunConfig) -> dict[str, Any]:
     # What a request that gives none is served with, and what `eval` scores unless told otherwise.
     adapter.config.default_alpha = cfg.alpha if cfg.alpha is not None else DEFAULT_ALPHA[adapter.config.method]
     adapter.config.default_scope = cfg.scope or "all"
+    adapter.config.default_edit_tokens = cfg.edit_tokens if isinstance(cfg.edit_tokens, int) else None
     adapter.save(cfg.checkpoint_dir)
     plot = plot_probe_accuracy(accuracy, selected, cfg.checkpoint_dir / "probe_accuracy.png")
     return {"selected_layers": selected, "selected_accuracy": {k: accuracy[k] for k in selected}, "plot": str(plot)}
@@ -388,11 +392,14 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
     # The checkpoint is the source of truth for the edit; --alpha / --scope override it.
     alpha: float = cfg.alpha if cfg.alpha is not None else float(adapter_cfg.get("default_alpha", 1.0))
     scope: Scope = "generated" if (cfg.scope or adapter_cfg.get("default_scope", "all")) == "generated" else "all"
+    recorded = adapter_cfg.get("default_edit_tokens")
+    tokens: EditTokens = cfg.edit_tokens if cfg.edit_tokens is not None else recorded if recorded is not None else "all"
     settings = {
         "split": cfg.eval_split,
         "indices": [q.index for q in questions],
         "alpha": alpha,
         "scope": scope,
+        "edit_tokens": tokens,
         "top_k": cfg.top_k,
         "min_accuracy": cfg.min_accuracy,
         "sweep_k": list(cfg.sweep_k),
@@ -430,7 +437,15 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
         workers = min(4, os.cpu_count() or 1) if len(questions) >= 64 else 1
     if workers > 1:
         job = ScoringJob(
-            cfg.model, cfg.device, cfg.dtype, str(cfg.checkpoint_dir), tuple(layers), alpha, tuple(questions), scope
+            cfg.model,
+            cfg.device,
+            cfg.dtype,
+            str(cfg.checkpoint_dir),
+            tuple(layers),
+            alpha,
+            tuple(questions),
+            scope,
+            tokens,
         )
         base, edited = score_in_workers(job, workers)
     else:
@@ -443,6 +458,7 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
             layers,
             alpha,
             scope,
+            tokens,
             desc=f"{cfg.eval_split} edited",
             progress=cfg.progress,
         )
@@ -451,7 +467,7 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
         {
             "split": cfg.eval_split,
             "questions": len(questions),
-            "edit": {"layers": layers, "alpha": alpha, "scope": scope},
+            "edit": {"layers": layers, "alpha": alpha, "scope": scope, "edit_tokens": tokens},
             "per_question": [
                 {"index": b.index, "mc1_base": b.mc1, "mc1_edited": e.mc1, "mc2_base": b.mc2, "mc2_edited": e.mc2}
                 for b, e in zip(base, edited, strict=True)

@@ -81,12 +81,22 @@ class RequestState:
         return self.stats.result() if self.stats is not None else EditStats(layers={})
 
 
-def decode_spec(spec: EditSpec | None) -> EditSpec | None:
-    """The spec to use when every input token is a generated one: every position is then at or past
-    ``spec.first_edited_position(prompt)``, so scope ``generated`` equals ``all`` (and needs no positions)."""
-    if spec is None or spec.is_noop:
-        return None
-    return replace(spec, scope="all") if spec.scope == "generated" else spec
+def decode_spec(state: RequestState) -> EditSpec | None:
+    """The spec of a decode step's row, whose input token is a generated one: every position is then at or past
+    ``spec.first_edited_position(prompt)``, so scope ``generated`` equals ``all`` (and needs no positions); and
+    past the request's token limit the row is not edited at all (None)."""
+    spec = state.request.edit
+    return replace(spec, scope="all", tokens=None) if spec is not None and _decode_edits(state) else None
+
+
+def _decode_edits(state: RequestState) -> bool:
+    spec = state.request.edit
+    return spec is not None and not spec.is_noop and spec.edits_decode_step(len(state.generated))
+
+
+def decode_edited(requests: Sequence[RequestState]) -> tuple[bool, ...]:
+    """Per row, whether its decode step is edited: what a decode plan depends on besides the rows themselves."""
+    return tuple(_decode_edits(r) for r in requests)
 
 
 @dataclass
@@ -168,22 +178,27 @@ class DecodePlan:
     rows: tuple[RequestState, ...]
     plan: EditPlan | None
     edited_rows: dict[int, int]
+    edited: tuple[bool, ...] = ()  # per row, whether it is edited (a row stops at its edit_tokens limit)
 
     @classmethod
     def build(cls, requests: Sequence[RequestState]) -> DecodePlan:
-        specs = [decode_spec(r.request.edit) for r in requests]
+        specs = [decode_spec(r) for r in requests]
         counts: dict[int, int] = {}
         for spec in specs:
             for layer in spec.layers if spec is not None else ():
                 counts[layer] = counts.get(layer, 0) + 1
         collect = any(r.stats is not None for r in requests)
         plan = None if all(s is None for s in specs) else EditPlan(rows=specs, collect_stats=collect)
-        return cls(rows=tuple(requests), plan=plan, edited_rows=counts)
+        edited = tuple(s is not None for s in specs)
+        return cls(rows=tuple(requests), plan=plan, edited_rows=counts, edited=edited)
 
     def fits(self, batch: Batch) -> bool:
-        """Whether ``batch`` has exactly these rows, in this order (RequestState compares by identity)."""
-        return len(self.rows) == len(batch.requests) and all(
-            a is b for a, b in zip(self.rows, batch.requests, strict=True)
+        """Whether ``batch`` has exactly these rows, in this order (RequestState compares by identity), each still
+        edited as when the plan was built."""
+        return (
+            len(self.rows) == len(batch.requests)
+            and all(a is b for a, b in zip(self.rows, batch.requests, strict=True))
+            and self.edited == decode_edited(batch.requests)
         )
 
 
@@ -264,7 +279,7 @@ def mixed_edit_plan(
 ) -> EditPlan | None:
     """The flat edit plan of a mixed forward (:mod:`server.engine.mixed`): the decode rows' tokens, then the chunk's
     columns ``start:stop`` row by row, each token a row of its own."""
-    decode_specs = [decode_spec(r.request.edit) for r in decoding]
+    decode_specs = [decode_spec(r) for r in decoding]
     prefill_specs = [r.request.edit if r.request.edit is not None and not r.request.edit.is_noop else None
                      for r in prefilling]  # fmt: skip
     if all(s is None for s in [*decode_specs, *prefill_specs]):

@@ -63,8 +63,14 @@ def resolve_edit(runtime: Runtime, model: str | None, hpr: HPRRequest | None) ->
             param="hpr.adapter",
             code="missing_adapter",
         )
-    spec = runtime.registry.resolve(adapter, hpr.layers, hpr.alpha, hpr.scope)
-    applied = HPRApplied(adapter=spec.adapter, layers=list(spec.layers), alpha=spec.alpha, scope=spec.scope)
+    spec = runtime.registry.resolve(adapter, hpr.layers, hpr.alpha, hpr.scope, hpr.edit_tokens)
+    applied = HPRApplied(
+        adapter=spec.adapter,
+        layers=list(spec.layers),
+        alpha=spec.alpha,
+        scope=spec.scope,
+        edit_tokens="all" if spec.tokens is None else spec.tokens,
+    )
     return ResolvedEdit(spec=spec, applied=applied, return_stats=hpr.return_stats)
 
 

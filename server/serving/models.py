@@ -20,6 +20,7 @@ def adapter_info(adapter: HPRAdapter) -> dict[str, object]:
         "probe_accuracy": {str(layer): acc for layer, acc in sorted(config.probe_accuracy.items())},
         "default_alpha": config.default_alpha,
         "default_scope": config.default_scope,
+        "default_edit_tokens": "all" if config.default_edit_tokens is None else config.default_edit_tokens,
         "format": "seed" if config.training.get("source_format") == "seed" else "hpr",
     }
 

@@ -203,6 +203,7 @@ class Column {
     this.field("layers").addEventListener("input", () => this.layersTyped());
     this.field("alpha").addEventListener("input", () => this.showAlpha());
     this.field("scope").addEventListener("change", () => this.summarize());
+    this.field("edit-tokens").addEventListener("input", () => this.summarize());
     for (const button of this.root.querySelectorAll("[data-pick]")) {
       button.addEventListener("click", () => {
         this.field("layers").value = button.dataset.pick;
@@ -244,7 +245,7 @@ class Column {
     this.loaded = models.base !== null;
   }
 
-  /** A new adapter: its selected layers, default alpha and scope. */
+  /** A new adapter: its selected layers, default alpha, scope and edited tokens. */
   adapterChanged() {
     const card = this.card;
     for (const selector of [".layers", ".strength"]) $(selector, this.root).hidden = !card;
@@ -254,6 +255,8 @@ class Column {
       const scope = card.hpr.default_scope ?? "all";
       this.field("alpha").value = String(card.hpr.default_alpha ?? 1);
       this.field("scope").value = this.index === 2 ? (scope === "all" ? "generated" : "all") : scope;
+      const tokens = card.hpr.default_edit_tokens ?? "all";
+      this.field("edit-tokens").value = tokens === "all" ? "" : String(tokens);
       this.layers = new Set(card.hpr.selected_layers);
       this.field("layers").value = formatLayers(this.layers);
     } else {
@@ -336,9 +339,15 @@ class Column {
   summarize() {
     const card = this.card;
     const text = card
-      ? `${card.id} · layers ${this.field("layers").value.trim() || "none"} · α ${Number(this.field("alpha").value).toFixed(2)} · ${this.field("scope").value}`
+      ? `${card.id} · layers ${this.field("layers").value.trim() || "none"} · α ${Number(this.field("alpha").value).toFixed(2)} · ${this.field("scope").value}${this.editTokens() === "all" ? "" : ` · first ${this.editTokens()} tokens`}`
       : "base model, no edit";
     $(".column-summary", this.root).textContent = text;
+  }
+
+  /** The edited-tokens field as the API takes it: a count, or "all" when empty. */
+  editTokens() {
+    const text = this.field("edit-tokens").value.trim();
+    return text === "" ? "all" : Number(text);
   }
 
   /** The request body (streaming) for these messages. */
@@ -361,6 +370,7 @@ class Column {
         layers: this.field("layers").value.trim() || "none",
         alpha: Number(this.field("alpha").value),
         scope: this.field("scope").value,
+        edit_tokens: this.editTokens(),
         return_stats: true,
       };
     }
@@ -476,7 +486,7 @@ class Column {
   showResult(body, applied, stats, finish) {
     const line = $(".applied", this.root);
     line.textContent = applied
-      ? `applied: ${applied.adapter} · layers [${applied.layers.join(", ")}] · α ${applied.alpha} · scope ${applied.scope}`
+      ? `applied: ${applied.adapter} · layers [${applied.layers.join(", ")}] · α ${applied.alpha} · scope ${applied.scope}${applied.edit_tokens === "all" ? "" : ` · first ${applied.edit_tokens} tokens`}`
       : "applied: none (base model)";
     if (finish) line.textContent += ` · finish ${finish}`;
     line.hidden = false;

@@ -96,6 +96,20 @@ def test_default_scope_round_trips_and_is_validated(tmp_path: Path) -> None:
         HPRAdapter.load(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("bad", [0, -3, "4", True, 1.5])
+def test_default_edit_tokens_round_trips_and_is_validated(tmp_path: Path, bad: object) -> None:
+    adapter = make_random_adapter()
+    assert adapter.config.default_edit_tokens is None  # checkpoints that do not record one edit every token
+    adapter.config.default_edit_tokens = 4
+    adapter.save(tmp_path / "ckpt")
+    assert HPRAdapter.load(tmp_path / "ckpt").config.default_edit_tokens == 4
+    data = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    data["default_edit_tokens"] = bad
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"hpr_config\.json.*default_edit_tokens"):
+        HPRAdapter.load(tmp_path / "ckpt")
+
+
 def test_a_version_1_checkpoint_without_method_loads_as_hpr(tmp_path: Path) -> None:
     """Every checkpoint written before methods existed: format_version 1, no `method` field."""
     adapter = make_random_adapter(trained=[1, 2])

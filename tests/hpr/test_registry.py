@@ -44,6 +44,19 @@ def test_resolve_uses_the_adapter_defaults_and_checks_layers() -> None:
         registry.resolve("b")
 
 
+def test_resolve_takes_edit_tokens_from_the_request_or_the_checkpoint() -> None:
+    adapter = make_random_adapter(trained=[1, 2])
+    registry = AdapterRegistry.of({"a": adapter}, 64, 4)
+    assert registry.resolve("a").tokens is None  # a checkpoint that records none: every generated token
+    adapter.config.default_edit_tokens = 4
+    assert registry.resolve("a").tokens == 4
+    assert registry.resolve("a", tokens=2).tokens == 2
+    assert registry.resolve("a", tokens="all").tokens is None
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(EditSpecError, match="edit_tokens must be a whole number"):
+            registry.resolve("a", tokens=bad)  # type: ignore[arg-type]
+
+
 def test_unload_waits_for_running_requests() -> None:
     registry = AdapterRegistry.of({"a": make_random_adapter(), "b": make_random_adapter(seed=1)}, 64, 4)
     registry.acquire("a")

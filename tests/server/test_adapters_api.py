@@ -120,7 +120,7 @@ def test_a_steering_vector_adapter_is_served_like_hpr(admin_server: Any) -> None
     card = load(admin_server, "steer", str(admin_server.app.state.settings.adapter_root / "steer")).json()
     assert card["hpr"]["method"] == "steer"
     body = chat(admin_server, "steer", hpr={"alpha": 0.5, "return_stats": True}).json()
-    assert body["hpr"] == {"adapter": "steer", "layers": [0, 1], "alpha": 0.5, "scope": "all"}
+    assert body["hpr"] == {"adapter": "steer", "layers": [0, 1], "alpha": 0.5, "scope": "all", "edit_tokens": "all"}
     assert set(body["choices"][0]["hpr_stats"]) == {"0", "1"}
 
 

@@ -35,7 +35,7 @@ def test_model_omitted_means_the_base_model(fake_server: Any) -> None:
 
 def test_adapter_as_model_edits_its_selected_layers(fake_server: Any) -> None:
     body = chat(fake_server, model="tiny").json()
-    assert body["hpr"] == {"adapter": "tiny", "layers": [0, 1], "alpha": 1.0, "scope": "all"}
+    assert body["hpr"] == {"adapter": "tiny", "layers": [0, 1], "alpha": 1.0, "scope": "all", "edit_tokens": "all"}
     edit = last_request(fake_server).edit
     assert (edit.adapter, edit.layers, edit.alpha, edit.scope) == ("tiny", (0, 1), 1.0, "all")
 
@@ -53,7 +53,13 @@ def test_layer_specs(fake_server: Any, layers: Any, expected: list[int]) -> None
 
 def test_hpr_fields_apply_to_the_model_adapter(fake_server: Any) -> None:
     body = chat(fake_server, model="tiny", hpr={"layers": "all", "alpha": 2, "scope": "generated"}).json()
-    assert body["hpr"] == {"adapter": "tiny", "layers": [0, 1, 2, 3], "alpha": 2.0, "scope": "generated"}
+    assert body["hpr"] == {
+        "adapter": "tiny",
+        "layers": [0, 1, 2, 3],
+        "alpha": 2.0,
+        "scope": "generated",
+        "edit_tokens": "all",
+    }
 
 
 def test_model_and_hpr_adapter_must_agree(fake_server: Any) -> None:
@@ -70,7 +76,7 @@ def test_hpr_without_any_adapter_is_400(fake_server: Any) -> None:
 def test_completions_take_the_same_hpr_extension(fake_server: Any) -> None:
     body = {"model": "tiny", "prompt": "abc", "max_tokens": 2, "hpr": {"layers": [3], "alpha": 0}}
     response = httpx.post(fake_server.api_base + "/completions", json=body, timeout=30).json()
-    assert response["hpr"] == {"adapter": "tiny", "layers": [3], "alpha": 0.0, "scope": "all"}
+    assert response["hpr"] == {"adapter": "tiny", "layers": [3], "alpha": 0.0, "scope": "all", "edit_tokens": "all"}
 
 
 def test_models_lists_adapters_with_parent_and_layers(fake_server: Any) -> None:
@@ -104,6 +110,7 @@ def test_adapter_defaults_apply_when_the_request_gives_none(tiny_model_dir: Any,
 
     adapter = make_random_adapter()
     adapter.config.default_alpha, adapter.config.default_scope = 1.5, "generated"
+    adapter.config.default_edit_tokens = 4
     path = adapter.save(tmp_path / "chat")
     settings = ServerSettings(model=str(tiny_model_dir), adapter=[f"chat={path}"], device="cpu", dtype="float32")
     with run_server(settings, FakeEngine) as live:
@@ -112,8 +119,20 @@ def test_adapter_defaults_apply_when_the_request_gives_none(tiny_model_dir: Any,
             "layers": [0, 1],
             "alpha": 1.5,
             "scope": "generated",
+            "edit_tokens": 4,
         }
-        overridden = chat(live, model="chat", hpr={"alpha": 0.5, "scope": "all"}).json()["hpr"]
-        assert (overridden["alpha"], overridden["scope"]) == (0.5, "all")
+        assert last_request(live).edit.tokens == 4
+        overridden = chat(live, model="chat", hpr={"alpha": 0.5, "scope": "all", "edit_tokens": "all"}).json()["hpr"]
+        assert (overridden["alpha"], overridden["scope"], overridden["edit_tokens"]) == (0.5, "all", "all")
+        assert last_request(live).edit.tokens is None
+        assert chat(live, model="chat", hpr={"edit_tokens": 9}).json()["hpr"]["edit_tokens"] == 9
+        assert last_request(live).edit.tokens == 9
         card = httpx.get(live.api_base + "/models/chat", timeout=30).json()
         assert (card["hpr"]["default_alpha"], card["hpr"]["default_scope"]) == (1.5, "generated")
+        assert card["hpr"]["default_edit_tokens"] == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "some", True, [3]])
+def test_a_bad_edit_tokens_is_a_400_that_names_it(fake_server: Any, bad: Any) -> None:
+    error = assert_envelope(chat(fake_server, model="tiny", hpr={"edit_tokens": bad}), 400, "hpr.edit_tokens")
+    assert "edit_tokens" in error["message"] or "all" in error["message"]

@@ -217,7 +217,13 @@ def test_extra_body_hpr_reaches_the_engine(client: openai.OpenAI, fake_server: A
         extra_body={"hpr": {"adapter": "tiny", "layers": "2-3", "alpha": 1.5, "scope": "generated"}},
     )
     assert response.model_extra is not None
-    assert response.model_extra["hpr"] == {"adapter": "tiny", "layers": [2, 3], "alpha": 1.5, "scope": "generated"}
+    assert response.model_extra["hpr"] == {
+        "adapter": "tiny",
+        "layers": [2, 3],
+        "alpha": 1.5,
+        "scope": "generated",
+        "edit_tokens": "all",
+    }
     edit = fake_server.engine.requests[-1].edit
     assert (edit.layers, edit.alpha, edit.scope) == ((2, 3), 1.5, "generated")
 

@@ -239,6 +239,7 @@ def test_layers_and_alpha_change_what_the_edited_column_sends(
     browser.execute_script("arguments[0].value = '2.5'; arguments[0].dispatchEvent(new Event('input'))", alpha)
     scope = field(browser, 1, "scope")
     scope.send_keys("generated")
+    field(browser, 1, "edit-tokens").send_keys("4")
     for i in (0, 1):
         set_sampling(browser, i)
     send(browser)
@@ -246,11 +247,11 @@ def test_layers_and_alpha_change_what_the_edited_column_sends(
     assert state(browser, 0) == "done" and state(browser, 1) == "done"
 
     edit = recorder.edited().edit  # what the server resolved from the page's request
-    assert (edit.adapter, edit.layers, edit.alpha, edit.scope) == ("tiny", (1, 3), 2.5, "generated")
+    assert (edit.adapter, edit.layers, edit.alpha, edit.scope, edit.tokens) == ("tiny", (1, 3), 2.5, "generated", 4)
     assert recorder.edited().return_stats
     assert recorder.unedited().sampling.max_tokens == 8
     applied = column(browser, 1).find_element(By.CLASS_NAME, "applied").text
-    assert "layers [1, 3]" in applied and "α 2.5" in applied and "generated" in applied
+    assert "layers [1, 3]" in applied and "α 2.5" in applied and "generated" in applied and "first 4 tokens" in applied
     stats_layers = [e.text for e in column(browser, 1).find_elements(By.CSS_SELECTOR, ".stats-grid > span:not(.head)")]
     assert stats_layers[0::5] == ["L1", "L3"]
     assert column(browser, 0).find_element(By.CLASS_NAME, "stats").get_attribute("hidden") is not None

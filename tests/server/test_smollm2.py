@@ -119,7 +119,13 @@ def test_edits_concurrently_equal_alone(smol_server: Any) -> None:
     for edited in alone[1:]:  # the same prompt unedited: the edits must change something
         assert edited["choices"][0]["logprobs"]["token_logprobs"] != pytest.approx(base, abs=1e-3)
     assert alone[1]["hpr"]["alpha"] == 2.0
-    assert alone[2]["hpr"] == {"adapter": "truthful", "layers": [10, 12, 14, 16, 18], "alpha": 0.5, "scope": "all"}
+    assert alone[2]["hpr"] == {
+        "adapter": "truthful",
+        "layers": [10, 12, 14, 16, 18],
+        "alpha": 0.5,
+        "scope": "all",
+        "edit_tokens": "all",
+    }
 
 
 def test_scoring_two_answers_through_the_api(smol_server: Any) -> None:

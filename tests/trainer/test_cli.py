@@ -45,7 +45,12 @@ def test_run_writes_checkpoint_eval_and_plot_then_resumes(tmp_path, tiny_model_d
     for metric in ("mc1", "mc2"):
         assert {"base", "edited", "delta", "delta_ci95"} <= set(report[metric])
     assert report["questions"] == 4 and len(report["per_question"]) == 4
-    assert report["edit"] == {"layers": adapter.config.selected_layers, "alpha": 2.0, "scope": "all"}
+    assert report["edit"] == {
+        "layers": adapter.config.selected_layers,
+        "alpha": 2.0,
+        "scope": "all",
+        "edit_tokens": "all",
+    }
     assert (out / "activations" / "train" / "manifest.json").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"}
     stamps.pop(out / "data.json")
@@ -146,19 +151,23 @@ def test_eval_takes_alpha_and_scope_from_the_checkpoint_unless_flags_override(  
     tmp_path, tiny_model_dir, tiny_truthfulqa
 ) -> None:
     out = tmp_path / "run"
-    args = run_args(out, tiny_model_dir, tiny_truthfulqa, "--format", "chat", "--alpha", "1.5", "--scope", "generated")
-    assert main(args) == 0
+    flags = ("--format", "chat", "--alpha", "1.5", "--scope", "generated", "--edit-tokens", "2")
+    assert main(run_args(out, tiny_model_dir, tiny_truthfulqa, *flags)) == 0
     adapter = HPRAdapter.load(out / "checkpoint")
     assert (adapter.config.default_alpha, adapter.config.default_scope) == (1.5, "generated")
+    assert adapter.config.default_edit_tokens == 2
     report = json.loads((out / "eval.json").read_text())
-    assert report["edit"]["alpha"] == 1.5 and report["edit"]["scope"] == "generated"
+    assert (report["edit"]["alpha"], report["edit"]["scope"], report["edit"]["edit_tokens"]) == (1.5, "generated", 2)
+    limited = report["mc2"]["edited"]
     plain = [a for a in run_args(out, tiny_model_dir, tiny_truthfulqa, "--format", "chat")]
     plain[0] = "eval"  # a plain eval after select: the checkpoint's settings, not a flag's default
     assert main(plain) == 0
     assert json.loads((out / "eval.json").read_text())["edit"]["alpha"] == 1.5
-    assert main([*plain, "--alpha", "0.5", "--scope", "all"]) == 0
+    assert main([*plain, "--alpha", "0.5", "--scope", "all", "--edit-tokens", "all"]) == 0
     edit = json.loads((out / "eval.json").read_text())["edit"]
-    assert (edit["alpha"], edit["scope"]) == (0.5, "all")
+    assert (edit["alpha"], edit["scope"], edit["edit_tokens"]) == (0.5, "all", "all")
+    assert main([*plain, "--edit-tokens", "all"]) == 0  # the limit is scored: without it the scores differ
+    assert json.loads((out / "eval.json").read_text())["mc2"]["edited"] != pytest.approx(limited, abs=1e-6)
 
 
 def test_pick_best_writes_what_it_picked_into_the_checkpoint(tmp_path, tiny_model_dir, tiny_truthfulqa) -> None:  # type: ignore[no-untyped-def]
@@ -186,3 +195,10 @@ def test_csv_answers_keep_the_standard_mc2(tmp_path, tiny_model_dir, tiny_truthf
         assert q.correct == mc[q.index].correct  # scored: the standard mc2 targets
     for q in ds.splits["train"]:
         assert q.correct == csv_answers[q.index].correct != mc[q.index].correct  # trained: the CSV's answers
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "some", "1.5"])
+def test_a_bad_edit_tokens_flag_is_refused(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["select", "--out", "x", "--edit-tokens", bad])
+    assert "--edit-tokens" in capsys.readouterr().err

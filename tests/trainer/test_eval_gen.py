@@ -4,6 +4,7 @@ the tiny model (a real ``hpr-serve`` subprocess), and bad input that fails befor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_parse_config() -> None:
     )
     assert parse_config("x=qa:layers=10-14,20").layers == "10-14,20"
     assert parse_config("x=qa:alpha=1.5").hpr() == {"adapter": "qa", "alpha": 1.5}
+    assert parse_config("x=qa:tokens=4").hpr() == {"adapter": "qa", "edit_tokens": 4}
+    assert parse_config("x=qa:tokens=all").hpr() == {"adapter": "qa", "edit_tokens": "all"}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,8 @@ def test_parse_config() -> None:
         ("x=qa:alpha=strong", "alpha"),
         ("x=qa:scope=prompt", "scope"),
         ("x=qa:depth=3", "bad field"),
+        ("x=qa:tokens=0", "tokens must be"),
+        ("x=qa:tokens=some", "tokens must be"),
         ("x=qa:alpha=1:alpha=2", "once"),
         ("bad name=qa", "expected"),
     ],
@@ -67,16 +72,23 @@ def _chat_ids(tokenizer: Any, question: str) -> list[int]:
 
 
 def _full_sequence_loglik(model: Any, editor: HPREditor, spec: Any, prompt: list[int], answer: list[int]) -> float:
-    """Independent reference: the whole prompt + answer in one pass, the edit's positions chosen by EditPlan's
-    prompt_lengths exactly as the serving engine sets them."""
+    """Independent reference: the whole prompt + answer in one pass, the edited positions written out here (the
+    plan's ``valid`` mask): scope ``all`` from 0, ``generated`` from the last prompt token; with ``edit_tokens`` N,
+    up to the input that produces the N-th answer token."""
     ids = torch.tensor([prompt + answer])
-    with torch.no_grad(), editor.apply(EditPlan([spec], prompt_lengths=[len(prompt)])):
+    first = 0 if spec.scope == "all" else len(prompt) - 1
+    end = len(ids[0]) if spec.tokens is None else len(prompt) - 1 + spec.tokens
+    valid = torch.tensor([[first <= p < end for p in range(len(ids[0]))]])
+    whole = dataclasses.replace(spec, scope="all", tokens=None)
+    with torch.no_grad(), editor.apply(EditPlan([whole], valid=valid)):
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
     return float(sum(logp[len(prompt) + i - 1, t] for i, t in enumerate(answer)))
 
 
-@pytest.mark.parametrize("scope", ["all", "generated"])
-def test_chat_mc_edits_the_positions_its_scope_edits_when_serving(tiny_model, char_tokenizer, scope: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("scope", "tokens"), [("all", None), ("generated", None), ("generated", 2), ("all", 3)])
+def test_chat_mc_edits_the_positions_its_scope_edits_when_serving(  # type: ignore[no-untyped-def]
+    tiny_model, char_tokenizer, scope: str, tokens: int | None
+) -> None:
     questions = [
         Question(0, "Is it?", ("Yes.", "Sure."), ("No.",), mc1_correct="Yes.", mc1_incorrect=("No.",)),
         Question(1, "Why not?", ("Because.",), ("No reason.", "Why."), mc1_correct="Because.", mc1_incorrect=("Why.",)),
@@ -84,7 +96,7 @@ def test_chat_mc_edits_the_positions_its_scope_edits_when_serving(tiny_model, ch
     prompts = [_chat_ids(char_tokenizer, q.question) for q in questions]
     editor = HPREditor(tiny_model, {"a": make_random_adapter()})
     try:
-        spec = editor.resolve("a", "all", 3.0, scope)  # type: ignore[arg-type]
+        spec = editor.resolve("a", "all", 3.0, scope, "all" if tokens is None else tokens)  # type: ignore[arg-type]
         got = score_questions(
             tiny_model,
             char_tokenizer,
@@ -108,6 +120,17 @@ def test_chat_mc_edits_the_positions_its_scope_edits_when_serving(tiny_model, ch
             mc1, mc2 = mc_metrics(q, ll)
             assert score.mc2 == pytest.approx(mc2, abs=1e-5) and score.mc1 == mc1
             assert abs(math.log(score.mc2) - math.log(plain.mc2)) > 1e-3  # the edit does change the scores
+        if tokens is not None:  # and the limit changes them too (the answers are longer than it)
+            whole = score_questions(
+                tiny_model,
+                char_tokenizer,
+                questions,
+                scope_contexts(editor, dataclasses.replace(spec, tokens=None)),
+                prompts=prompts,
+                answer_prefix="",
+                progress=False,
+            )
+            assert all(abs(math.log(a.mc2) - math.log(b.mc2)) > 1e-4 for a, b in zip(got, whole, strict=True))
     finally:
         editor.detach()
 
@@ -190,12 +213,14 @@ def test_eval_gen_answers_through_hpr_serve_and_scores_every_configuration(gen_s
         "layers": [0, 1],
         "alpha": 1.5,
         "scope": "generated",
+        "edit_tokens": "all",
     }
     assert report["configs"]["strong"]["applied"] == {
         "adapter": "run",
         "layers": [0, 1, 2, 3],
         "alpha": 3.0,
         "scope": "all",
+        "edit_tokens": "all",
     }
     assert report["configs"]["base"]["applied"] is None
     assert report["prompt_token_mismatches"] == 0  # our chat template rendering is the server's

@@ -52,7 +52,7 @@ def test_run_with_method_steer_trains_selects_and_evaluates(tmp_path, tiny_model
     fit_report = json.loads((out / "fit.json").read_text())
     assert fit_report["settings"]["method"] == "steer" and set(fit_report["vector_norm"]) == {"0", "1", "2", "3"}
     report = json.loads((out / "eval.json").read_text())
-    assert report["edit"] == {"layers": config.selected_layers, "alpha": 1.0, "scope": "all"}
+    assert report["edit"] == {"layers": config.selected_layers, "alpha": 1.0, "scope": "all", "edit_tokens": "all"}
     assert report["mc2"]["edited"] != report["mc2"]["base"]  # the vectors change the scores
     # The same directory trained as HPR: the steering checkpoint is not reused for another method.
     assert main(run_args(out, tiny_model_dir, tiny_truthfulqa, "--skip-eval")) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -235,3 +236,72 @@ def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(
     assert in_batch[1] == run(alone(sampled("b", 7, top_p=0.9)))
     assert in_batch[2] == run(alone(sampled("c", 8, top_k=5)))
     assert run(alone(sampled("d", 9))) != in_batch[0]  # another seed, another text
+
+
+def masked_reference(
+    loaded: LoadedModel, editor: HPREditor, prompt: list[int], spec: EditSpec, steps: int = STEPS
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding as :func:`reference`, for a spec with a token limit: the same edit without the limit,
+    applied at positions written out here by hand (the plan's ``valid`` mask), not by the spec's own rule. The
+    first ``tokens`` generated tokens come from edited states: inputs ``P − 1 … P − 2 + tokens``."""
+    assert spec.tokens is not None
+    first = 0 if spec.scope == "all" else len(prompt) - 1
+    end = len(prompt) - 1 + spec.tokens
+    whole = replace(spec, scope="all", tokens=None)
+    ids = list(prompt)
+    tokens: list[int] = []
+    logprobs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            valid = torch.tensor([[first <= p < end for p in range(len(ids))]])
+            with editor.apply(EditPlan(rows=[whole], valid=valid)):
+                logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            token = int(lp.argmax())
+            tokens.append(token)
+            logprobs.append(lp)
+            ids.append(token)
+    return tokens, logprobs
+
+
+def test_edit_tokens_edits_the_first_tokens_only_alone_batched_and_joining(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
+) -> None:
+    """A request with ``edit_tokens`` N gets the full edit's first N tokens, then tokens generated from unedited
+    states, in a batch with unlimited and unedited rows; rows cross their limits at different steps (the decode
+    plan is rebuilt) and join a running batch late."""
+    limited = [
+        tiny_editor.resolve("tiny", "all", scope="generated", tokens=1),
+        tiny_editor.resolve("tiny", [1, 3], alpha=2.0, tokens=3),
+        tiny_editor.resolve("other", "0-2", scope="generated", tokens=5),
+    ]
+    cases: list[EditSpec | None] = [*limited, tiny_editor.resolve("tiny", "all", scope="generated"), None]
+    prompts = prompts_for(tiny_loaded, len(cases))
+    steps = STEPS + 2
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
+        engine.start()
+        try:
+            tasks = []
+            for i, (prompt, spec) in enumerate(zip(prompts, cases, strict=True)):
+                tasks.append(asyncio.create_task(collect(engine, greedy(f"r{i}", prompt, spec, steps=steps))))
+                if i == 1:
+                    await asyncio.sleep(0.02)  # the rest join a running batch
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for prompt, spec, outputs in zip(prompts, cases, results, strict=True):
+        if spec is None or spec.tokens is None:
+            assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
+            continue
+        expected = masked_reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps)
+        assert_matches(outputs, expected)
+        # The limit matters: the first N distributions are the unlimited edit's, a later one is not.
+        unlimited = reference(tiny_loaded, tiny_editor, prompt, replace(spec, tokens=None), steps=steps)
+        n = spec.tokens
+        assert expected[0][:n] == unlimited[0][:n]
+        assert all(float((a - b).abs().max()) < TOL for a, b in zip(expected[1][:n], unlimited[1][:n], strict=True))
+        assert max(float((a - b).abs().max()) for a, b in zip(expected[1][n:], unlimited[1][n:], strict=True)) > 1e-3

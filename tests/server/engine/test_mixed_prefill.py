@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -180,3 +181,26 @@ def test_a_prefill_failing_after_its_last_mixed_chunk_is_redone_one_by_one(
     together = _serve(engine, running, newcomers)
     assert failures == [len(newcomers)] and calls.count("mixed") > 1
     _assert_same(apart, together)  # edit statistics too: the chunks run before the failure are not counted twice
+
+
+def test_rows_that_reach_their_edit_tokens_during_mixed_forwards_stop_being_edited(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor
+) -> None:
+    """The running row reaches its ``edit_tokens`` limit while newcomers' chunks share its decode steps: mixed or
+    apart, the same tokens, and exactly the positions the limit allows are edited (the statistics count them)."""
+    running, newcomers = _requests(tiny_loaded, tiny_editor)
+    running = replace(running, edit=replace(running.edit, tokens=3))  # scope generated: P − 1, then 2 fed back
+    newcomers[0] = replace(newcomers[0], edit=replace(newcomers[0].edit, tokens=2))  # scope all: the prompt, 1 more
+    results = {}
+    for mixing in (False, True):
+        engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=5, mixed_prefill=mixing)
+        calls: list[str] = []
+        count_steps(engine, calls)
+        results[mixing] = _serve(engine, running, newcomers)
+        # every chunk is mixed (or none is), and the running row crosses its limit during them
+        assert calls.count("mixed") > 3 if mixing else calls.count("mixed") == 0
+    _assert_same(results[False], results[True])
+    stats = results[True][0][-1].edit_stats
+    assert stats is not None and all(s.tokens == 3 for s in stats.layers.values())
+    first = results[True][1][-1].edit_stats
+    assert first is not None and all(s.tokens == len(newcomers[0].prompt_ids) + 1 for s in first.layers.values())
