@@ -71,8 +71,14 @@ def truth_score(result: dict[str, Any]) -> float:
     return float((t["bleu_acc"]["value"] + t["rougeL_acc"]["value"]) / 2)
 
 
+def _chat_mc2(result: dict[str, Any]) -> float:
+    entry = result["truthfulqa"].get("chat_mc2")
+    return float(entry["value"]) if entry is not None else float("-inf")  # None: not scored (a remote adapter)
+
+
 def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The rule (docs/quality.md): the highest truthfulness among edits whose guard holds on every question set."""
+    """The rule (docs/quality.md): the highest truthfulness among edits whose guard holds on every question set;
+    between equal truthfulness (41 questions make ties common), the higher chat-MC MC2."""
     held = [n for n, r in results.items() if n != BASE and r["guard"]["holds"]]
     if not held:
         least = min(
@@ -81,7 +87,7 @@ def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             default=None,
         )
         return {"choice": None, "least_harm": least, "reason": "no edit holds the fluency guard"}
-    best = max(held, key=lambda n: truth_score(results[n]))
+    best = max(held, key=lambda n: (round(truth_score(results[n]), 9), _chat_mc2(results[n])))
     beats = truth_score(results[best]) > truth_score(results[BASE])
     return {"choice": best, "beats_base": beats, "truthfulness": truth_score(results[best])}
 

@@ -27,11 +27,12 @@ def test_guard_limits(ratio: float, degenerate: float, non_answer: float, holds:
     assert guard(fluency(ratio, degenerate, non_answer))["holds"] is holds
 
 
-def result(bleu: float, rouge: float, holds: bool, ratio: float = 1.0) -> dict[str, Any]:
+def result(bleu: float, rouge: float, holds: bool, ratio: float = 1.0, mc2: float | None = None) -> dict[str, Any]:
     return {
         "truthfulqa": {
             "bleu_acc": {"value": bleu},
             "rougeL_acc": {"value": rouge},
+            "chat_mc2": None if mc2 is None else {"value": mc2},
             "fluency": {"perplexity_ratio": ratio},
         },
         "guard": {"holds": holds},
@@ -53,3 +54,16 @@ def test_rule_says_so_when_nothing_holds_the_guard_or_beats_the_base() -> None:
     assert choose(none_hold) == {"choice": None, "least_harm": "b", "reason": "no edit holds the fluency guard"}
     worse = {"base": result(0.3, 0.3, True), "a": result(0.2, 0.2, True)}
     assert choose(worse)["beats_base"] is False
+
+
+def test_equal_truthfulness_goes_to_the_higher_chat_mc2() -> None:
+    """Eval-split ties are common (41 questions: one answer is 2.4 points); the first listed does not win them."""
+    results = {
+        "base": result(0.30, 0.30, True, mc2=0.32),
+        "first": result(15 / 41, 15 / 41, True, mc2=0.33),
+        "second": result(16 / 41, 14 / 41, True, mc2=0.36),  # the same mean, as eval-split counts give it
+        "unscored": result(15 / 41, 15 / 41, True),
+    }
+    assert choose(results)["choice"] == "second"
+    results["first"]["truthfulqa"]["chat_mc2"] = {"value": 0.37}
+    assert choose(results)["choice"] == "first"
