@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.stamp
 RUN_DIR ?= runs/truthfulqa
 CHECKPOINT := $(RUN_DIR)/checkpoint
 ADAPTER := $(notdir $(RUN_DIR))
-# The served default: prompt format, strength and scope chosen on the eval split by the generation-mode rule
-# (docs/quality.md). The scoring-mode MC optimum (alpha 2 on every position) is what `make eval` compares it with.
+# The served default: prompt format, strength, scope and edited tokens chosen on the eval split by the
+# generation-mode rule (docs/quality.md). The scoring-mode MC optimum (alpha 2 on every position and token) is what
+# `make eval` compares it with.
 FORMAT ?= qa
-ALPHA  ?= 0.15
+ALPHA  ?= 0.5
 SCOPE  ?= generated
+EDIT_TOKENS ?= 4
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # Extra pip arguments, e.g. PIP_ARGS="--find-links /wheels" for offline builds.
@@ -45,16 +47,17 @@ model: $(STAMP)-runtime
 	$(PY) -m hpr.prepare
 
 ## Train the TruthfulQA checkpoint once (hpr-train resumes and skips every stage already done); it records the
-## served default's alpha and scope.
+## served default's alpha, scope and edited tokens.
 checkpoint: setup
-	$(BIN)/hpr-train run --out $(RUN_DIR) --format $(FORMAT) --alpha $(ALPHA) --scope $(SCOPE) --skip-eval
+	$(BIN)/hpr-train run --out $(RUN_DIR) --format $(FORMAT) --alpha $(ALPHA) --scope $(SCOPE) \
+		--edit-tokens $(EDIT_TOKENS) --skip-eval
 
 ## On the test split: scoring-mode MC1/MC2 at the MC optimum ($(RUN_DIR)/eval.json), then the edit as a chat model,
 ## the served default and the MC optimum against the base ($(RUN_DIR)/eval_gen.json, answers.jsonl).
 eval: checkpoint
-	$(BIN)/hpr-train eval --out $(RUN_DIR) --alpha 2 --scope all
+	$(BIN)/hpr-train eval --out $(RUN_DIR) --alpha 2 --scope all --edit-tokens all
 	$(BIN)/hpr-train eval-gen --out $(RUN_DIR) --split test \
-		--config served=$(ADAPTER) --config mc-optimal=$(ADAPTER):alpha=2:scope=all
+		--config served=$(ADAPTER) --config mc-optimal=$(ADAPTER):alpha=2:scope=all:tokens=all
 
 serve: checkpoint
 	$(BIN)/hpr-serve --adapter truthfulqa=$(CHECKPOINT) --host $(HOST) --port $(PORT)

@@ -38,10 +38,16 @@ def test_make_serve_and_eval_commands_parse() -> None:
     parsed = {argv[0]: parser.parse_args(argv) for argv in train}
     run = parsed["run"]
     # What make serve trains records the served default; make eval compares it with the MC optimum.
-    assert run.scope in ("all", "generated") and run.alpha is not None and run.skip_eval
+    assert run.scope in ("all", "generated") and run.alpha is not None and run.edit_tokens and run.skip_eval
     configs = {c.name: c for c in parsed["eval-gen"].config}
     assert set(configs) == {"served", "mc-optimal"} and parsed["eval-gen"].split == "test"
-    assert (configs["mc-optimal"].alpha, configs["mc-optimal"].scope) == (2.0, "all")
-    assert configs["served"].alpha is None and configs["served"].scope is None  # the checkpoint's defaults
+    assert (configs["mc-optimal"].alpha, configs["mc-optimal"].scope, configs["mc-optimal"].tokens) == (
+        2.0,
+        "all",
+        "all",
+    )
+    assert parsed["eval"].edit_tokens == "all"  # scoring-mode MC at the optimum: every answer token edited
+    served = configs["served"]
+    assert served.alpha is None and served.scope is None and served.tokens is None  # the checkpoint's defaults
     settings = parse_settings(serve[0])
     assert [a.split("=")[0] for a in settings.adapter] == ["truthfulqa"]
