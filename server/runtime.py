@@ -172,9 +172,13 @@ async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
     try:
         runtime = await asyncio.to_thread(build_runtime, state.settings, engine_factory)
         metrics: ServerMetrics = state.metrics
+        runtime.engine.start()  # on the event loop thread: the engine may bind to the running loop
+        if state.settings.compile_decode and state.settings.compile_warmup:
+            from server.warmup import warm_up
+
+            await warm_up(runtime)  # before the metrics see requests, and before /health is ok
         runtime.engine.observer = metrics
         metrics.bind_engine(lambda: runtime.engine.queue_depth, lambda: runtime.engine.running)
-        runtime.engine.start()  # on the event loop thread: the engine may bind to the running loop
         state.runtime = runtime
         log.info("ready: serving %s", runtime.base_id)
     except Exception as exc:

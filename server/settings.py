@@ -93,6 +93,12 @@ class ServerSettings(BaseSettings):
         "edit statistics or not, one row or more); steps that would need another run eagerly. On a CPU each graph "
         "holds a packed copy of the weights: 0.65-0.8 GB for SmolLM2 in fp32.",
     )
+    compile_warmup: bool = Field(
+        default=False,
+        description="With --compile-decode: compile, before /health is ok, the graphs that the base model and each "
+        "loaded adapter's default edit need, one row and several (docs/server.md). Takes about a minute per graph "
+        "on the development CPU at startup instead of at the first requests.",
+    )
     api_key: StrList = Field(
         default_factory=list, description="Accepted API key (Bearer token). Without any key, no authentication."
     )
@@ -151,6 +157,8 @@ class ServerSettings(BaseSettings):
                 raise ValueError("--adapter-root needs --admin-key (the key of the adapter endpoints)")
         if self.admin_key is not None and self.admin_key in self.api_key:
             raise ValueError("--admin-key must differ from every --api-key")
+        if self.compile_warmup and not self.compile_decode:
+            raise ValueError("--compile-warmup warms up the compiled decode step: it needs --compile-decode")
         return self
 
     def adapter_paths(self) -> dict[str, Path]:

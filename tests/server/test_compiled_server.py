@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from server.cli import parse_settings
 
@@ -45,3 +46,54 @@ def test_the_compiled_server_answers_as_the_eager_one(tiny_settings: Any) -> Non
         assert abs(got["mean_angle"] - want["mean_angle"]) < 1e-5
     for a, b in zip(eager["logprobs"]["token_logprobs"], compiled_answer["logprobs"]["token_logprobs"], strict=True):
         assert abs(a - b) < 1e-4
+
+
+def test_compile_warmup_needs_the_compiled_step(capsys: Any) -> None:
+    assert parse_settings(["--compile-decode", "--compile-warmup"]).compile_warmup is True
+    assert parse_settings([]).compile_warmup is False
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--compile-warmup"])
+    assert exc.value.code == 2
+    assert "--compile-warmup warms up the compiled decode step: it needs --compile-decode" in capsys.readouterr().err
+
+
+def test_a_warmed_up_server_compiles_nothing_for_default_requests(tiny_settings: Any, tmp_path: Any) -> None:
+    """The graphs the base model and an adapter's defaults need (one row and two; the adapter's default stops
+    editing after 2 tokens, so its unedited step too) are compiled before /health is ok; requests with those edits
+    then add no graph and compile nothing."""
+    import asyncio
+
+    import torch
+
+    from tests.conftest import make_random_adapter
+    from tests.server.live_server import run_server
+
+    adapter = make_random_adapter()
+    adapter.config.default_alpha, adapter.config.default_scope, adapter.config.default_edit_tokens = 2.0, "all", 2
+    path = adapter.save(tmp_path / "limited")
+    settings = tiny_settings.model_copy(
+        update={"compile_decode": True, "compile_warmup": True, "adapter": [f"limited={path}"], "compile_max_graphs": 8}
+    )
+    with run_server(settings) as live:
+        assert httpx.get(live.base_url + "/health", timeout=30).status_code == 200
+        # the warm-up's own requests are not traffic: the metrics start from zero
+        assert "hpr_generation_tokens_total 0.0" in httpx.get(live.base_url + "/metrics", timeout=30).text
+        compiled = live.app.state.runtime.engine.runner.compiled
+        warmed = set(compiled.graphs)
+        # no edit and the adapter's edit, each one row and several: the unedited graphs are shared
+        assert len(warmed) == 4
+        assert {key[2] for key in warmed} == {True, False}  # one row, and more
+        assert len({key[0] for key in warmed}) == 2  # no edit, and the adapter's default layers
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+        async def ask(n: int, model: str) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=300) as client:
+                body = {"model": model, "prompt": "Once upon", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+                return await asyncio.gather(*(client.post(live.api_base + "/completions", json=body) for _ in range(n)))
+
+        for n in (1, 3):
+            for model in ("limited", live.app.state.runtime.base_id):
+                assert all(r.status_code == 200 for r in asyncio.run(ask(n, model)))
+        assert compiled.graphs == warmed
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing compiled after ready
+        assert "hpr_generation_tokens_total 40.0" in httpx.get(live.base_url + "/metrics", timeout=30).text

@@ -1,0 +1,61 @@
+"""``--compile-warmup``: compile the decode graphs that default requests need before the server reports ready.
+
+With ``--compile-decode`` each new edit set and batch shape compiles on first use, and every stream waits meanwhile
+(about a minute per graph on the development CPU). A server that warms up runs, before ``/health`` is ok, the
+requests that need the graphs most traffic uses: the base model, then each loaded adapter at its defaults (its
+selected layers, ``default_alpha``, ``default_scope``, ``default_edit_tokens``), each alone and as two rows at once
+(a batch of one row has a graph of its own). An adapter whose default stops editing after N tokens also needs the
+unedited step: its warm-up request runs past N. Graphs past ``--compile-max-graphs`` are not compiled (those steps
+run eagerly), so the warm-up is bounded like the traffic.
+
+The warm-up requests go through :meth:`Engine.generate` like any other (greedy, four prompt tokens), so what they
+compile is exactly what a request with the same edit compiles; nothing they produce is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from hpr.edit_spec import EditSpec
+from server.engine.types import GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PROMPT = [1, 2, 3, 4]  # token ids: any valid ones compile the same graph
+
+
+def warmup_edits(runtime: Runtime) -> list[EditSpec | None]:
+    """The edits to warm up, in order: none (the base model), then each loaded adapter's defaults."""
+    return [None, *(runtime.registry.resolve(name) for name in sorted(runtime.registry.names()))]
+
+
+async def _drain(runtime: Runtime, request: GenerationRequest) -> None:
+    async for _ in runtime.engine.generate(request):
+        pass
+
+
+async def warm_up(runtime: Runtime) -> float:
+    """Run the warm-up requests (module docstring); returns the seconds taken."""
+    started = time.monotonic()
+    for index, spec in enumerate(warmup_edits(runtime)):
+        # Past the edit's token limit the step is the unedited one: run a few steps beyond it.
+        steps = (spec.tokens if spec is not None and spec.tokens is not None else 1) + 2
+        for rows in (1, 2):
+            t = time.monotonic()
+            sampling = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+            requests = [
+                GenerationRequest(f"warmup-{index}-{rows}-{row}", list(PROMPT), sampling, edit=spec)
+                for row in range(rows)
+            ]
+            await asyncio.gather(*(_drain(runtime, r) for r in requests))
+            what = "no edit" if spec is None else f"adapter {spec.adapter!r} at its defaults"
+            log.info("compile warm-up: %s, %d row(s): %.1f s", what, rows, time.monotonic() - t)
+    seconds = time.monotonic() - started
+    log.info("compile warm-up done in %.1f s", seconds)
+    return seconds
