@@ -343,9 +343,15 @@ def _mean(scores: list[MCScore], metric: str) -> float:
 
 
 def sweep(
-    cfg: RunConfig, lm: LoadedModel, adapter: HPRAdapter, questions: list[D.Question], scope: Scope
+    cfg: RunConfig,
+    lm: LoadedModel,
+    adapter: HPRAdapter,
+    questions: list[D.Question],
+    scope: Scope,
+    tokens: EditTokens = "all",
 ) -> dict[str, Any]:
-    """MC1/MC2 on the eval split for each (top-k, alpha); never touches the test split."""
+    """MC1/MC2 on the eval split for each (top-k, alpha), edited over ``scope`` and ``tokens`` as the test split
+    is; never touches the test split."""
     base = score_questions(lm.model, lm.tokenizer, questions, desc="sweep base", progress=cfg.progress)
     rows = []
     acc = adapter.config.probe_accuracy
@@ -360,11 +366,12 @@ def sweep(
                 layers,
                 alpha,
                 scope,
+                tokens,
                 desc=f"sweep k={k} a={alpha}",
                 progress=cfg.progress,
             )
             s = summarize(base, edited, samples=cfg.bootstrap, seed=cfg.seed)
-            rows.append({"top_k": k, "alpha": alpha, "layers": layers, **s})
+            rows.append({"top_k": k, "alpha": alpha, "layers": layers, "scope": scope, "edit_tokens": tokens, **s})
     best = max(rows, key=lambda r: r["mc1"]["delta"] + r["mc2"]["delta"])
     return {
         "split": "eval",
@@ -420,7 +427,7 @@ def stage_eval(cfg: RunConfig, cache: dict[str, LoadedModel], required: bool = T
     report: dict[str, Any] = {"settings": settings, "model": lm.model_id, "checkpoint": str(cfg.checkpoint_dir)}
     layers = list(adapter.config.selected_layers)
     if cfg.sweep_k or cfg.sweep_alpha:
-        report["sweep"] = sweep(cfg, lm, adapter, ds.mc_splits["eval"], scope)
+        report["sweep"] = sweep(cfg, lm, adapter, ds.mc_splits["eval"], scope, tokens)
         if cfg.pick_best:
             best = report["sweep"]["best"]
             layers, alpha = select_layers(adapter.config.probe_accuracy, best["top_k"]), best["alpha"]

@@ -202,3 +202,15 @@ def test_a_bad_edit_tokens_flag_is_refused(bad: str, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["select", "--out", "x", "--edit-tokens", bad])
     assert "--edit-tokens" in capsys.readouterr().err
+
+
+def test_the_eval_sweep_scores_the_edit_tokens_limit_too(tmp_path, tiny_model_dir, tiny_truthfulqa) -> None:  # type: ignore[no-untyped-def]
+    """--pick-best must choose under the edit that is served: the sweep mirrors --edit-tokens as the test split."""
+    sweeps = {}
+    for tokens in ("2", "all"):
+        out = tmp_path / tokens
+        extra = ("--format", "chat", "--sweep-alpha", "3", "--edit-tokens", tokens)
+        assert main(run_args(out, tiny_model_dir, tiny_truthfulqa, *extra)) == 0
+        sweeps[tokens] = json.loads((out / "eval.json").read_text())["sweep"]["results"]
+    assert [r["edit_tokens"] for r in sweeps["2"]] == [2] and [r["edit_tokens"] for r in sweeps["all"]] == ["all"]
+    assert sweeps["2"][0]["mc2"]["edited"] != pytest.approx(sweeps["all"][0]["mc2"]["edited"], rel=1e-3)
