@@ -176,7 +176,12 @@ async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
         if state.settings.compile_decode and state.settings.compile_warmup:
             from server.warmup import warm_up
 
-            await warm_up(runtime)  # before the metrics see requests, and before /health is ok
+            try:
+                await warm_up(runtime)  # before the metrics see requests, and before /health is ok
+            except BaseException:  # a failed warm-up, or a shutdown during it: the engine must not run on
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(runtime.engine.stop(drain_timeout=0))
+                raise
         runtime.engine.observer = metrics
         metrics.bind_engine(lambda: runtime.engine.queue_depth, lambda: runtime.engine.running)
         state.runtime = runtime

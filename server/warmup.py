@@ -4,9 +4,10 @@ With ``--compile-decode`` each new edit set and batch shape compiles on first us
 (about a minute per graph on the development CPU). A server that warms up runs, before ``/health`` is ok, the
 requests that need the graphs most traffic uses: the base model, then each loaded adapter at its defaults (its
 selected layers, ``default_alpha``, ``default_scope``, ``default_edit_tokens``), each alone and as two rows at once
-(a batch of one row has a graph of its own). An adapter whose default stops editing after N tokens also needs the
-unedited step: its warm-up request runs past N. Graphs past ``--compile-max-graphs`` are not compiled (those steps
-run eagerly), so the warm-up is bounded like the traffic.
+(a batch of one row has a graph of its own). An adapter whose default stops editing after N tokens then runs the
+unedited step, the base model's graph, compiled first (its warm-up request runs past N all the same). Requests
+with ``return_stats`` use graphs of their own, not warmed up. Graphs past ``--compile-max-graphs`` are not
+compiled (those steps run eagerly), so the warm-up is bounded like the traffic.
 
 The warm-up requests go through :meth:`Engine.generate` like any other (greedy, four prompt tokens), so what they
 compile is exactly what a request with the same edit compiles; nothing they produce is kept.

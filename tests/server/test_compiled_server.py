@@ -97,3 +97,27 @@ def test_a_warmed_up_server_compiles_nothing_for_default_requests(tiny_settings:
         assert compiled.graphs == warmed
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing compiled after ready
         assert "hpr_generation_tokens_total 40.0" in httpx.get(live.base_url + "/metrics", timeout=30).text
+
+
+def test_a_failed_warmup_stops_the_engine_and_reports_the_error(
+    tiny_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm-up that fails leaves no engine running behind a server that will never be ready."""
+    from server import warmup
+    from tests.server.fake_engine import FakeEngine
+    from tests.server.live_server import run_server
+
+    engines: list[FakeEngine] = []
+
+    def factory(settings: Any, registry: Any) -> FakeEngine:
+        engines.append(FakeEngine(settings, registry))
+        return engines[-1]
+
+    async def failing(runtime: Any) -> float:
+        raise RuntimeError("injected warm-up failure")
+
+    monkeypatch.setattr(warmup, "warm_up", failing)
+    settings = tiny_settings.model_copy(update={"compile_decode": True, "compile_warmup": True})
+    with pytest.raises(RuntimeError, match="injected warm-up failure"), run_server(settings, factory):
+        pass
+    assert len(engines) == 1 and engines[0].started and engines[0].stopped
