@@ -112,7 +112,8 @@ def main() -> None:
     engine = Engine(
         loaded, editor.registry, max_batch_size=args.streams + args.newcomers, max_prefill_tokens=1 << 20
     )  # fmt: skip
-    edit = engine.editor.resolve("a") if args.adapter else None  # the checkpoint's defaults
+    # the checkpoint's defaults, every token edited (as the recorded figures; the edit_tokens default came later)
+    edit = engine.editor.resolve("a", tokens="all") if args.adapter else None
     order = [s for _ in range(args.rounds) for s in (settings + settings[::-1])]
     results: dict[str, list[dict[str, float]]] = {s: [] for s in settings}
     print(f"{args.streams} streams, {args.newcomers} newcomers × {args.prompt_len} tokens, order {order}, "

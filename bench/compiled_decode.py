@@ -78,7 +78,7 @@ def main() -> None:
     if args.adapter.exists():
         adapters["a"] = HPRAdapter.load(args.adapter, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
     editor = HPREditor(loaded.model, adapters)
-    edit = editor.resolve("a") if adapters else None
+    edit = editor.resolve("a", tokens="all") if adapters else None  # every token edited, as the recorded figures
     batches = [int(b) for b in args.batch.split(",")]
     engines = {
         "eager": Engine(loaded, editor.registry, max_batch_size=max(batches)),

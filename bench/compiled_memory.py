@@ -55,11 +55,11 @@ def main() -> None:
     extra = {} if args.max_graphs is None else {"compile_max_graphs": args.max_graphs}
     engine = Engine(loaded, editor.registry, max_batch_size=8, compile_decode=True, **extra)
     steps = [
-        ("adapter default, 1 row", 1, editor.resolve("a"), False),
-        ("adapter default, 4 rows", 4, editor.resolve("a"), False),
+        ("adapter default, 1 row", 1, editor.resolve("a", tokens="all"), False),
+        ("adapter default, 4 rows", 4, editor.resolve("a", tokens="all"), False),
         ("no edit, 1 row", 1, None, False),
-        ("adapter layer 16 only, 1 row", 1, editor.resolve("a", "16"), False),
-        ("adapter default + stats, 1 row", 1, editor.resolve("a"), True),
+        ("adapter layer 16 only, 1 row", 1, editor.resolve("a", "16", tokens="all"), False),
+        ("adapter default + stats, 1 row", 1, editor.resolve("a", tokens="all"), True),
     ]
     loop = asyncio.new_event_loop()
     engine.start()

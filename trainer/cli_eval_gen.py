@@ -72,7 +72,7 @@ def add_eval_gen_parser(sub: Any) -> None:
         type=_config,
         action="append",
         default=[],
-        metavar="[NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S]",
+        metavar="[NAME=]ADAPTER[:layers=L][:alpha=A][:scope=S][:tokens=N]",
         help="an edit configuration; repeatable; unset fields take the adapter's defaults "
         "[each adapter at its defaults]. The base model is always evaluated.",
     )

@@ -109,7 +109,7 @@ def parse_config(text: str) -> EditConfig:
     given = fields.get("tokens")
     tokens: int | str | None = given
     if given is not None and given != "all":
-        if not given.isdigit() or int(given) < 1:
+        if not re.fullmatch(r"[0-9]+", given) or int(given) < 1:
             raise ConfigError(f"configuration {text!r}: tokens must be a whole number ≥ 1 or 'all', got {given!r}")
         tokens = int(given)
     return EditConfig(name=name, adapter=adapter, layers=fields.get("layers"), alpha=alpha, scope=scope, tokens=tokens)

@@ -172,8 +172,9 @@ class Batch:
 
 @dataclass
 class DecodePlan:
-    """The edit plan of a decode step for one batch composition (rows in order), and per layer how many rows it
-    edits (the ``on_edit`` metric). Built once per composition, reused every step."""
+    """The edit plan of a decode step for one batch composition (rows in order, each edited or past its
+    ``edit_tokens`` limit), and per layer how many rows it edits (the ``on_edit`` metric). Built once per
+    composition, reused every step."""
 
     rows: tuple[RequestState, ...]
     plan: EditPlan | None

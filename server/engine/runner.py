@@ -349,7 +349,8 @@ class ModelRunner:
         return self._finish_step(batch, logits, {}, skip_rows=None)
 
     def decode_plan(self, batch: Batch) -> DecodePlan:
-        """The edit plan of ``batch``'s decode steps, rebuilt only when its rows change."""
+        """The edit plan of ``batch``'s decode steps, rebuilt only when its rows change or a row reaches its
+        ``edit_tokens`` limit."""
         if self._decode_plan is None or not self._decode_plan.fits(batch):
             self._decode_plan = DecodePlan.build(batch.requests)
         return self._decode_plan

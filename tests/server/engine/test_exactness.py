@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -24,17 +25,17 @@ def compile_decode(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-def reference(
-    loaded: LoadedModel, editor: HPREditor, prompt: list[int], spec: EditSpec | None, steps: int = STEPS
+def _greedy_loop(
+    loaded: LoadedModel, editor: HPREditor, prompt: list[int], plan: Callable[[int], EditPlan | None], steps: int
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding with a plain HF forward over the whole sequence each step (no cache, no batch)."""
+    """Greedy decoding with a plain HF forward over the whole sequence each step (no cache, no batch); ``plan``
+    gives the edit plan for a sequence of that many tokens."""
     ids = list(prompt)
     tokens: list[int] = []
     logprobs: list[torch.Tensor] = []
     with torch.inference_mode():
         for _ in range(steps):
-            plan = EditPlan(rows=[spec], prompt_lengths=[len(prompt)]) if spec is not None else None
-            with editor.apply(plan):
+            with editor.apply(plan(len(ids))):
                 logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
             lp = torch.log_softmax(logits, dim=-1)
             token = int(lp.argmax())
@@ -42,6 +43,19 @@ def reference(
             logprobs.append(lp)
             ids.append(token)
     return tokens, logprobs
+
+
+def reference(
+    loaded: LoadedModel, editor: HPREditor, prompt: list[int], spec: EditSpec | None, steps: int = STEPS
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding, the edit's positions chosen by the plan's prompt lengths (as the engine sets them)."""
+    return _greedy_loop(
+        loaded,
+        editor,
+        prompt,
+        lambda _n: EditPlan(rows=[spec], prompt_lengths=[len(prompt)]) if spec is not None else None,
+        steps,
+    )
 
 
 def greedy(request_id: str, prompt: list[int], edit: EditSpec | None, steps: int = STEPS) -> GenerationRequest:
@@ -248,20 +262,11 @@ def masked_reference(
     first = 0 if spec.scope == "all" else len(prompt) - 1
     end = len(prompt) - 1 + spec.tokens
     whole = replace(spec, scope="all", tokens=None)
-    ids = list(prompt)
-    tokens: list[int] = []
-    logprobs: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for _ in range(steps):
-            valid = torch.tensor([[first <= p < end for p in range(len(ids))]])
-            with editor.apply(EditPlan(rows=[whole], valid=valid)):
-                logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-            lp = torch.log_softmax(logits, dim=-1)
-            token = int(lp.argmax())
-            tokens.append(token)
-            logprobs.append(lp)
-            ids.append(token)
-    return tokens, logprobs
+
+    def plan(n: int) -> EditPlan:
+        return EditPlan(rows=[whole], valid=torch.tensor([[first <= p < end for p in range(n)]]))
+
+    return _greedy_loop(loaded, editor, prompt, plan, steps)
 
 
 def test_edit_tokens_edits_the_first_tokens_only_alone_batched_and_joining(
