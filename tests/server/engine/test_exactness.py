@@ -124,6 +124,35 @@ def test_concurrent_requests_with_different_edits_match_each_alone(
             assert expected[0] != unedited[0] or float((expected[1][0] - unedited[1][0]).abs().max()) > 1e-3, spec
 
 
+def serve_staggered(
+    loaded: LoadedModel,
+    editor: HPREditor,
+    compile_decode: bool,
+    prompts: list[list[int]],
+    cases: list[EditSpec | None],
+    steps: Callable[[int], int],
+    pause: Callable[[int], float | None],
+) -> list[list[GenerationOutput]]:
+    """Greedy request ``i`` (``steps(i)`` tokens) sent to one engine, then ``pause(i)`` seconds before the next
+    (None: sent right after, without yielding to the engine)."""
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(loaded, editor.registry, compile_decode=compile_decode, max_batch_size=16)
+        engine.start()
+        try:
+            tasks = []
+            for i, (prompt, spec) in enumerate(zip(prompts, cases, strict=True)):
+                tasks.append(asyncio.create_task(collect(engine, greedy(f"r{i}", prompt, spec, steps=steps(i)))))
+                wait = pause(i)
+                if wait is not None:
+                    await asyncio.sleep(wait)
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    return run(main())
+
+
 def test_requests_joining_a_running_batch_match_each_alone(
     tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool
 ) -> None:
@@ -131,19 +160,10 @@ def test_requests_joining_a_running_batch_match_each_alone(
     cases = edit_cases(tiny_editor)
     prompts = prompts_for(tiny_loaded, len(cases))
 
-    async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
-        engine.start()
-        try:
-            tasks = []
-            for i, (prompt, spec) in enumerate(zip(prompts, cases, strict=True)):
-                tasks.append(asyncio.create_task(collect(engine, greedy(f"r{i}", prompt, spec, steps=STEPS + i))))
-                await asyncio.sleep(0.01 * (i % 3))  # join at different steps
-            return await asyncio.gather(*tasks)
-        finally:
-            await engine.stop()
-
-    results = run(main())
+    # join at different steps
+    results = serve_staggered(
+        tiny_loaded, tiny_editor, compile_decode, prompts, cases, lambda i: STEPS + i, lambda i: 0.01 * (i % 3)
+    )
     for i, (prompt, spec, outputs) in enumerate(zip(prompts, cases, results, strict=True)):
         assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=STEPS + i))
 
@@ -284,20 +304,10 @@ def test_edit_tokens_edits_the_first_tokens_only_alone_batched_and_joining(
     prompts = prompts_for(tiny_loaded, len(cases))
     steps = STEPS + 2
 
-    async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
-        engine.start()
-        try:
-            tasks = []
-            for i, (prompt, spec) in enumerate(zip(prompts, cases, strict=True)):
-                tasks.append(asyncio.create_task(collect(engine, greedy(f"r{i}", prompt, spec, steps=steps))))
-                if i == 1:
-                    await asyncio.sleep(0.02)  # the rest join a running batch
-            return await asyncio.gather(*tasks)
-        finally:
-            await engine.stop()
-
-    results = run(main())
+    # the first two start together, the rest join a running batch
+    results = serve_staggered(
+        tiny_loaded, tiny_editor, compile_decode, prompts, cases, lambda _i: steps, lambda i: 0.02 if i == 1 else None
+    )
     for prompt, spec, outputs in zip(prompts, cases, results, strict=True):
         if spec is None or spec.tokens is None:
             assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
