@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from hpr.atomic_write import atomic_write
 from hpr.edit_module import EditModule
+from hpr.edit_spec import is_token_limit
 from hpr.errors import CheckpointError
 from hpr.householder import MAX_ALPHA
 from hpr.methods import get_method
@@ -106,9 +107,10 @@ class HPRConfig:
             raise CheckpointError(f"default_alpha must be finite and in [0, {MAX_ALPHA}], got {self.default_alpha}")
         if self.default_scope not in ("all", "generated"):
             raise CheckpointError(f"default_scope must be 'all' or 'generated', got {self.default_scope!r}")
-        limit = self.default_edit_tokens
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise CheckpointError(f"default_edit_tokens must be null or a whole number ≥ 1, got {limit!r}")
+        if self.default_edit_tokens is not None and not is_token_limit(self.default_edit_tokens):
+            raise CheckpointError(
+                f"default_edit_tokens must be null or a whole number ≥ 1, got {self.default_edit_tokens!r}"
+            )
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,21 @@ from hpr.householder import MAX_ALPHA
 
 Scope = Literal["all", "generated"]
 EditTokens = int | Literal["all"]  # how many generated tokens a request edits: a count, or every one
+
+
+def is_token_limit(value: object) -> bool:
+    """Whether ``value`` is a valid limit on edited tokens: a whole number ≥ 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def parse_edit_tokens(text: str) -> EditTokens:
+    """``"all"`` or a whole number ≥ 1 written in ASCII digits, from a command line or a configuration string;
+    ValueError otherwise."""
+    if text == "all":
+        return "all"
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise ValueError(f"expected a whole number ≥ 1 or 'all', got {text!r}")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -29,9 +45,10 @@ class EditSpec:
             raise EditSpecError(f"alpha must be a finite number in [0, {MAX_ALPHA}], got {self.alpha}", "hpr.alpha")
         if self.scope not in ("all", "generated"):
             raise EditSpecError(f"scope must be 'all' or 'generated', got {self.scope!r}", "hpr.scope")
-        limit = self.tokens
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise EditSpecError(f"edit_tokens must be a whole number ≥ 1 or 'all', got {limit!r}", "hpr.edit_tokens")
+        if self.tokens is not None and not is_token_limit(self.tokens):
+            raise EditSpecError(
+                f"edit_tokens must be a whole number ≥ 1 or 'all', got {self.tokens!r}", "hpr.edit_tokens"
+            )
 
     @property
     def is_noop(self) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpr.edit_spec import EditTokens, parse_edit_tokens
 from hpr.errors import HPRError
 from hpr.model import EMBEDDED_MODEL_ID
 from trainer import pipeline as P
@@ -33,12 +34,11 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
-def _edit_tokens(text: str) -> int | str:
-    if text == "all":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1 or 'all', got {text!r}")
-    return int(text)
+def _edit_tokens(text: str) -> EditTokens:
+    try:
+        return parse_edit_tokens(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hpr.checkpoint import HPRAdapter
+from hpr.edit_spec import EditTokens, parse_edit_tokens
 from hpr.editing import HPREditor
 from hpr.model import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from trainer import data as D
@@ -59,7 +60,7 @@ class EditConfig:
     layers: str | None = None
     alpha: float | None = None
     scope: str | None = None
-    tokens: int | str | None = None  # the request's edit_tokens: a count, or "all"
+    tokens: EditTokens | None = None  # the request's edit_tokens: a count, or "all"
 
     def hpr(self) -> dict[str, Any] | None:
         if self.adapter is None:
@@ -106,12 +107,14 @@ def parse_config(text: str) -> EditConfig:
     scope = fields.get("scope")
     if scope is not None and scope not in SCOPES:
         raise ConfigError(f"configuration {text!r}: scope must be one of {SCOPES}, got {scope!r}")
-    given = fields.get("tokens")
-    tokens: int | str | None = given
-    if given is not None and given != "all":
-        if not re.fullmatch(r"[0-9]+", given) or int(given) < 1:
-            raise ConfigError(f"configuration {text!r}: tokens must be a whole number ≥ 1 or 'all', got {given!r}")
-        tokens = int(given)
+    tokens: EditTokens | None = None
+    if "tokens" in fields:
+        try:
+            tokens = parse_edit_tokens(fields["tokens"])
+        except ValueError:
+            raise ConfigError(
+                f"configuration {text!r}: tokens must be a whole number ≥ 1 or 'all', got {fields['tokens']!r}"
+            ) from None
     return EditConfig(name=name, adapter=adapter, layers=fields.get("layers"), alpha=alpha, scope=scope, tokens=tokens)
 
 
