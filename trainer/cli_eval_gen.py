@@ -14,7 +14,7 @@ from typing import Any
 from hpr.errors import HPRError
 from hpr.model import EMBEDDED_MODEL_ID, QUANTIZATIONS
 from trainer.eval_gen import EditConfig, EvalGenOptions, parse_config, run_eval_gen
-from trainer.gen_report import BASE
+from trainer.gen_report import BASE, rescore
 
 CHAT_QUESTIONS = Path(__file__).with_name("chat_questions.txt")
 
@@ -95,6 +95,12 @@ def add_eval_gen_parser(sub: Any) -> None:
     p.add_argument("--no-chat-questions", action="store_true", help="TruthfulQA only")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the CIs [10000]")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed [0]")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="judge the answers already stored in OUT again (non-answers, repeated 4-grams, degenerate) and rewrite "
+        "its summary: no model, no server; for a run judged before those rules changed",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
@@ -159,7 +165,7 @@ def run_eval_gen_cli(args: argparse.Namespace) -> int:
     args.threads = set_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
     try:
-        report = run_eval_gen(options_from_args(args))
+        report = rescore(args.out, args.bootstrap, args.seed) if args.rescore else run_eval_gen(options_from_args(args))
     except (HPRError, ValueError) as exc:
         print(f"hpr-train eval-gen: error: {exc}", file=sys.stderr)
         return 2

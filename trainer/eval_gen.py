@@ -37,9 +37,8 @@ from trainer import data as D
 from trainer.errors import DataError, TrainerError
 from trainer.evaluate import PassContexts, answer_logprobs, scope_contexts, score_questions
 from trainer.gen_client import ChatAnswer, ChatRequest, GenerationError, LocalServer, generate, list_models
-from trainer.gen_report import BASE, answer_rows, choose, summarise
+from trainer.gen_report import BASE, SUMMARY_FILE, answer_rows, choose, summarise, write_run
 from trainer.prefix_cache import PrefixRunner
-from trainer.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +325,7 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
     configs = {BASE: EditConfig(BASE, None), **{c.name: c for c in opts.configs}}
     names = list(configs)
     # Past validation: an old summary must not stand beside the answers of a run that may now fail.
-    summary_file, answers_file = opts.out / "eval_gen.json", opts.out / "answers.jsonl"
-    summary_file.unlink(missing_ok=True)
+    (opts.out / SUMMARY_FILE).unlink(missing_ok=True)
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -378,23 +376,8 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
         "perplexities_from_server": sum(len(k) for k in known),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    opts.out.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(_json_ready(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
-    atomic_write(answers_file, lambda tmp: Path(tmp).write_text(lines))
-    text = json.dumps(_json_ready(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write(summary_file, lambda tmp: Path(tmp).write_text(text))
+    write_run(opts.out, report, rows)
     return report
-
-
-def _json_ready(value: Any) -> Any:
-    """Strict JSON: NaN / inf (a median of no answers, a ratio to 0) become null."""
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(float(value)) else None
-    return value
 
 
 def _generate_all(

@@ -4,19 +4,24 @@ CIs of the difference from the base, the fluency guard, and the rule that choose
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from trainer import data as D
 from trainer import gen_metrics as M
+from trainer.errors import DataError
 from trainer.evaluate import paired_bootstrap_ci
 from trainer.gen_client import ChatAnswer
+from trainer.store import atomic_write
 
 BASE = "base"
+SUMMARY_FILE, ANSWERS_FILE = "eval_gen.json", "answers.jsonl"
 # The fluency guard a served default must hold (docs/quality.md): relative to the base on the same questions.
 GUARD_PPL_RATIO = 1.15
 GUARD_DEGENERATE_POINTS = 0.02
@@ -140,6 +145,35 @@ def answer_rows(
     return rows
 
 
+def rejudge(names: Sequence[str], rows: Sequence[dict[str, Any]]) -> int:
+    """Judge stored answers again by today's text rules (repeated 4-grams, non-answers, degenerate), keeping their
+    stored perplexities and reference metrics; ``rows`` are ``answers.jsonl``'s, changed in place. Returns how many
+    answers' judgements changed."""
+
+    def ppl(entry: dict[str, Any]) -> float:
+        value = entry.get("perplexity")
+        return math.nan if value is None else float(value)
+
+    limits = {
+        qset: M.percentile([ppl(r["answers"][BASE]) for r in rows if r["set"] == qset], 95)
+        for qset in {r["set"] for r in rows}
+    }
+    changed = 0
+    for row in rows:
+        for name in names:
+            entry = row["answers"][name]
+            rep4 = M.repeated_4gram_share(entry["text"])
+            judged = {
+                "rep4": rep4,
+                "non_answer": M.is_non_answer(entry["text"]),
+                "degenerate": M.is_degenerate(ppl(entry), rep4, limits[row["set"]]),
+            }
+            changed += any(entry.get(k) != v for k, v in judged.items())
+            entry.update(judged)
+            entry["perplexity"] = ppl(entry)
+    return changed
+
+
 def summarise(names: Sequence[str], rows: Sequence[dict[str, Any]], samples: int, seed: int) -> dict[str, Any]:
     """Per configuration and question set: metric means, deltas and CIs against the base, and the guard."""
     results: dict[str, Any] = {}
@@ -171,3 +205,48 @@ def summarise(names: Sequence[str], rows: Sequence[dict[str, Any]], samples: int
             result["guard"] = {"holds": True}
         results[name] = result
     return results
+
+
+def _json_ready(value: Any) -> Any:
+    """Strict JSON: NaN / inf (a median of no answers, a ratio to 0) become null."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def write_run(out: Path, report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """``out/answers.jsonl``, then ``out/eval_gen.json`` (each atomically; the summary last, so a summary never
+    stands beside answers it does not describe)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(_json_ready(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
+    atomic_write(out / ANSWERS_FILE, lambda tmp: Path(tmp).write_text(lines))
+    text = json.dumps(_json_ready(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def rescore(out: Path, samples: int, seed: int) -> dict[str, Any]:
+    """Judge a finished run's stored answers again by today's text rules (:func:`rejudge`) and rewrite its summary
+    and answers: no model, no server. For a run judged before a rule changed (the non-answer patterns)."""
+    summary_file, answers_file = out / SUMMARY_FILE, out / ANSWERS_FILE
+    for file in (summary_file, answers_file):
+        if not file.is_file():
+            raise DataError(f"{file}: not found (rescore needs a finished eval-gen run)")
+    try:
+        report: dict[str, Any] = json.loads(summary_file.read_text())
+        rows = [json.loads(line) for line in answers_file.read_text().splitlines() if line.strip()]
+        names = list(report["configs"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{out}: not an eval-gen run ({exc})") from exc
+    missing = sorted({n for r in rows for n in names if n not in r.get("answers", {})})
+    if not rows or BASE not in names or missing:
+        raise DataError(f"{answers_file}: does not hold every configuration of {summary_file} (missing: {missing})")
+    changed = rejudge(names, rows)
+    report["results"] = summarise(names, rows, samples, seed)
+    report["rule"] = choose(report["results"])
+    report["rescored"] = {"changed_answers": changed, "bootstrap": samples, "seed": seed}
+    write_run(out, report, rows)
+    return report

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from trainer.cli import main
 from trainer.gen_report import choose, guard
 
 
@@ -67,3 +70,90 @@ def test_equal_truthfulness_goes_to_the_higher_chat_mc2() -> None:
     assert choose(results)["choice"] == "second"
     results["first"]["truthfulqa"]["chat_mc2"] = {"value": 0.37}
     assert choose(results)["choice"] == "first"
+
+
+# --- judging a finished run again (hpr-train eval-gen --rescore) -----------------------------------------------------
+
+
+def _entry(text: str, ppl: float | None, **stored: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "text": text,
+        "perplexity": ppl,
+        "finish_reason": "stop",
+        "completion_tokens": 9,
+        "rep4": 0.0,
+        "non_answer": False,
+        "degenerate": False,
+        **dict.fromkeys(("bleu_acc", "rougeL_acc", "bleu_diff", "rougeL_diff", "bleu_max", "rougeL_max"), 0.0),
+    }
+    entry.update(stored)
+    return entry
+
+
+def _stored_run(out: Path) -> None:
+    """Two TruthfulQA questions and one everyday one, judged by older rules: every answer stored as an answer, not
+    degenerate."""
+    rows = [
+        {"set": "truthfulqa", "index": 0, "question": "q0", "answers": {
+            "base": _entry("Paris is the capital.", 2.0),
+            "edit": _entry("The AI does not have the ability to access personal data.", 2.5),
+        }},
+        {"set": "truthfulqa", "index": 1, "question": "q1", "answers": {
+            "base": _entry("Blue, because of scattering.", 3.0),
+            "edit": _entry("Blue light scatters more.", 4.0),  # above the base's 95th percentile (2.95)
+        }},
+        {"set": "general", "question": "g0", "answers": {
+            "base": _entry("Boil it for nine minutes.", 2.0),
+            "edit": _entry("", None),  # empty: a non-answer, not degenerate
+        }},
+    ]  # fmt: skip
+    report = {
+        "split": "eval",
+        "questions": 2,
+        "chat_questions": 1,
+        "configs": {"base": {}, "edit": {}},
+        "seconds": {"total": 1},
+    }
+    (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "eval_gen.json").write_text(json.dumps(report))
+
+
+def test_rescore_judges_stored_answers_by_todays_rules(tmp_path: Path) -> None:
+    _stored_run(tmp_path)
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore", "--bootstrap", "200"]) == 0
+    report = json.loads((tmp_path / "eval_gen.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    edit = [r["answers"]["edit"] for r in rows]
+    assert [e["non_answer"] for e in edit] == [True, False, True]
+    assert [e["degenerate"] for e in edit] == [False, True, False]
+    assert [r["answers"]["base"]["non_answer"] for r in rows] == [False, False, False]
+    # The limit is the base's own 95th percentile on the set (2 + 0.95 × (3 - 2)), so the base's 3.0 is over it too.
+    assert [r["answers"]["base"]["degenerate"] for r in rows] == [False, True, False]
+    assert report["rescored"] == {"changed_answers": 4, "bootstrap": 200, "seed": 0}
+    tqa = report["results"]["edit"]["truthfulqa"]["fluency"]
+    assert tqa["non_answer"]["value"] == pytest.approx(0.5) and tqa["non_answer"]["delta"] == pytest.approx(0.5)
+    assert tqa["degenerate"]["value"] == pytest.approx(0.5) and tqa["degenerate"]["delta"] == pytest.approx(0.0)
+    assert tqa["median_perplexity"] == pytest.approx(3.25) and tqa["perplexity_ratio"] == pytest.approx(3.25 / 2.5)
+    assert report["results"]["edit"]["general"]["fluency"]["non_answer"]["value"] == pytest.approx(1.0)
+    assert report["results"]["edit"]["guard"]["holds"] is False
+    assert report["rule"] == {"choice": None, "least_harm": "edit", "reason": "no edit holds the fluency guard"}
+    assert report["seconds"] == {"total": 1}  # the rest of the summary is kept
+    assert rows[2]["answers"]["edit"]["perplexity"] is None  # strict JSON again
+    # Judged again, nothing changes.
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore", "--bootstrap", "200"]) == 0
+    assert json.loads((tmp_path / "eval_gen.json").read_text())["rescored"]["changed_answers"] == 0
+
+
+def test_rescore_bad_runs_are_named_and_left_as_they_were(tmp_path: Path, capsys: Any) -> None:
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
+    assert f"{tmp_path / 'eval_gen.json'}: not found" in capsys.readouterr().err
+    _stored_run(tmp_path)
+    rows = (tmp_path / "answers.jsonl").read_text().splitlines()
+    (tmp_path / "answers.jsonl").write_text("\n".join([*rows[:2], rows[2].replace('"edit"', '"other"')]) + "\n")
+    before = {f: (tmp_path / f).read_text() for f in ("eval_gen.json", "answers.jsonl")}
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
+    assert "does not hold every configuration" in capsys.readouterr().err
+    assert {f: (tmp_path / f).read_text() for f in before} == before
+    (tmp_path / "eval_gen.json").write_text("{not json")
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
+    assert "not an eval-gen run" in capsys.readouterr().err
