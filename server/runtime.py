@@ -78,6 +78,7 @@ def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) 
         max_model_len=settings.max_model_len,
         prefill_chunk=settings.prefill_chunk or None,
         mixed_prefill=settings.mixed_prefill,
+        max_step_tokens=settings.max_step_tokens or None,
         compile_decode=settings.compile_decode,
         compile_max_graphs=settings.compile_max_graphs,
     )

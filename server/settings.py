@@ -79,6 +79,14 @@ class ServerSettings(BaseSettings):
         description="Run each prefill chunk in the same forward as the running streams' decode step (Llama-type "
         "models with SDPA attention), so the weights are read once for both. --no-mixed-prefill: a forward each.",
     )
+    max_step_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens one engine step may process: the running streams' one each plus a prefill chunk's prompt "
+        "tokens (vLLM's max_num_batched_tokens). A chunk takes what the running rows leave, at least one column per "
+        "newcomer, at most --prefill-chunk; on a CPU this bounds the running streams' pause while newcomers arrive, "
+        "at the newcomers' time to first token (docs/benchmarks.md). 0: no budget, --prefill-chunk alone.",
+    )
     compile_decode: bool = Field(
         default=False,
         description="Decode through one torch.compile'd graph with a static-shaped KV cache and the edits inline "

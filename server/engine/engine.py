@@ -80,6 +80,10 @@ class Engine:
         mixed_prefill: run each chunk (or whole prompt) in the same forward as the running streams' decode step,
             where the model allows it (:mod:`server.engine.mixed`): the weights are read once for both, so the
             streams' step grows by the chunk's arithmetic only. False: a forward of its own.
+        max_step_tokens: tokens one step may process, the running streams' one each and a chunk's prompt tokens
+            (vLLM's ``max_num_batched_tokens``): a chunk takes what the running rows leave, at least one column per
+            newcomer, and at most ``prefill_chunk``. Where a step's time grows with its tokens (a CPU), this bounds
+            the running streams' pause while newcomers arrive whatever their number; None: ``prefill_chunk`` alone.
         compile_decode: run decode steps through one ``torch.compile``'d graph with the edits inline
             (:mod:`server.engine.compiled`; Llama-type models with SDPA attention). The first step of a new
             batch shape or edit set compiles (tens of seconds on a CPU). False: the eager forward.
@@ -101,6 +105,7 @@ class Engine:
         gather_window: float = 0.01,
         prefill_chunk: int | None = None,
         mixed_prefill: bool = True,
+        max_step_tokens: int | None = None,
         compile_decode: bool = False,
         compile_max_graphs: int = MAX_GRAPHS,
     ) -> None:
@@ -108,6 +113,8 @@ class Engine:
             raise ValueError("max_batch_size must be ≥ 1 and max_queue ≥ 0")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError("prefill_chunk must be ≥ 1 (or None: whole prompts)")
+        if max_step_tokens is not None and max_step_tokens < 1:
+            raise ValueError("max_step_tokens must be ≥ 1 (or None: no budget)")
         self.loaded = loaded
         self.info = ModelInfo.from_loaded(loaded, max_model_len)
         self.registry = registry
@@ -120,6 +127,7 @@ class Engine:
         self.gather_window = gather_window
         self.prefill_chunk = prefill_chunk
         self.mixed_prefill = mixed_prefill  # a chunk shares its forward with the running batch's decode step
+        self.max_step_tokens = max_step_tokens
         self.observer = observer
         self.vocab_size = self.info.vocab_size
         self.eos_ids = _eos_ids(loaded)
@@ -298,6 +306,8 @@ class Engine:
                     if job is not None and all(st.cancelled for st in job.states):
                         self._abandon(job)  # every client has left: stop prefilling
                         job = None
+                    if job is not None and self.max_step_tokens is not None:
+                        job.budget = self.max_step_tokens - (len(batch) if batch is not None else 0)
                     if job is not None and batch is not None and self.mixed_prefill and self.runner.can_mix(job):
                         size = len(batch)
                         decoded, prefilled = self.runner.mixed_step(batch, job)  # one forward for both

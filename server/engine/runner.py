@@ -49,6 +49,13 @@ class PrefillJob:
     columns: int
     done: int = 0
     hidden: list[Tensor] = field(default_factory=list)  # the earlier chunks' last hidden states (prompt logprobs)
+    budget: int | None = None  # prompt tokens the next forward may take (the engine's step budget); None: no limit
+
+    def next_span(self) -> tuple[int, int]:
+        """The columns [start, stop) of the next chunk: ``columns`` at most, and within ``budget`` tokens summed over
+        the rows (at least one column, so a prefill always advances)."""
+        columns = self.columns if self.budget is None else min(self.columns, max(1, self.budget // len(self.states)))
+        return self.done, min(self.done + columns, self.inputs.columns)
 
 
 @dataclass
@@ -168,7 +175,7 @@ class ModelRunner:
 
     def _prefill_chunk(self, job: PrefillJob) -> StepOutcome | None:
         states = job.states
-        start, stop = job.done, min(job.done + job.columns, job.inputs.columns)
+        start, stop = job.next_span()
         ids, positions, mask = job.inputs.chunk(start, stop)
         plan = job.inputs.edit_plan(states, start, stop)
         want_prompt_logprobs = [s.request.sampling.prompt_logprobs for s in states]
@@ -300,7 +307,7 @@ class ModelRunner:
 
     def _mixed_forward(self, batch: Batch, job: PrefillJob) -> tuple[Tensor, Tensor | None]:
         """Logits (B, V) of the decode rows and, after the last chunk, (N, V) at each prompt's last token."""
-        start, stop = job.done, min(job.done + job.columns, job.inputs.columns)
+        start, stop = job.next_span()
         ids, positions, mask = job.inputs.chunk(start, stop)  # (N, c), (N, c), (N, 1, c, stop) or None
         n, c = ids.shape
         rows = len(batch)

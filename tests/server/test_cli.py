@@ -37,6 +37,7 @@ def test_flags_parse_into_settings(tmp_path: Path) -> None:
     assert settings.max_model_len == 512 and settings.log_level == "debug" and settings.num_threads == 1
     assert settings.adapter_paths() == {"a": Path("/x/a"), "b": tmp_path / "b"}
     assert settings.api_keys() == {"k1", "k2"} and settings.cors_origin == ["*"]
+    assert parse_settings([]).max_step_tokens == 0 and parse_settings(["--max-step-tokens", "40"]).max_step_tokens == 40
 
 
 def test_env_vars_with_flags_winning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,6 +60,8 @@ def test_env_vars_with_flags_winning(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--adapter", "=/x"], "NAME=PATH"),
         (["--log-level", "loud"], "--log-level"),
         (["--compile-max-graphs", "0"], "--compile-max-graphs"),
+        (["--max-step-tokens", "-1"], "--max-step-tokens"),
+        (["--max-step-tokens", "lots"], "--max-step-tokens"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_problem(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,3 +131,19 @@ def test_hpr_serve_exits_1_when_an_adapter_cannot_load(tiny_model_dir: Path, tmp
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=90)
     assert result.returncode == 1
     assert "nothing" in result.stderr and "adapter directory does not exist" in result.stderr
+
+
+def test_engine_settings_reach_the_engine(tiny_model_dir: Path) -> None:
+    from hpr.registry import AdapterRegistry
+    from server.engine.engine import Engine
+    from server.runtime import default_engine_factory
+
+    def engine(*argv: str) -> Engine:
+        made = default_engine_factory(parse_settings(["--model", str(tiny_model_dir), *argv]), AdapterRegistry())
+        assert isinstance(made, Engine)
+        return made
+
+    plain = engine()
+    assert (plain.prefill_chunk, plain.mixed_prefill, plain.max_step_tokens) == (256, True, None)
+    tuned = engine("--prefill-chunk", "0", "--no-mixed-prefill", "--max-step-tokens", "40")
+    assert (tuned.prefill_chunk, tuned.mixed_prefill, tuned.max_step_tokens) == (None, False, 40)

@@ -204,3 +204,30 @@ def test_rows_that_reach_their_edit_tokens_during_mixed_forwards_stop_being_edit
     assert stats is not None and all(s.tokens == 3 for s in stats.layers.values())
     first = results[True][1][-1].edit_stats
     assert first is not None and all(s.tokens == len(newcomers[0].prompt_ids) + 1 for s in first.layers.values())
+
+
+@pytest.mark.parametrize(("budget", "columns"), [(7, 2), (2, 1)])
+def test_a_step_budget_sizes_each_chunk_by_what_the_running_rows_leave(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, budget: int, columns: int
+) -> None:
+    """``max_step_tokens``: 1 running row + 3 newcomers × c columns ≤ the budget, at least one column each; the
+    answers are those of whole-prompt prefills run apart."""
+    running, newcomers = _requests(tiny_loaded, tiny_editor)
+    apart = _serve(
+        Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=None, mixed_prefill=False), running, newcomers
+    )
+    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=256, mixed_prefill=True, max_step_tokens=budget)
+    spans: list[tuple[int, int, int, int]] = []  # (decode rows, newcomers, start, stop) per mixed forward
+    forward = engine.runner._mixed_forward
+
+    def recording(batch: Any, job: Any) -> Any:
+        spans.append((len(batch), len(job.states), *job.next_span()))
+        return forward(batch, job)
+
+    engine.runner._mixed_forward = recording  # type: ignore[method-assign]
+    together = _serve(engine, running, newcomers)
+    _assert_same(apart, together)
+    longest = max(len(r.prompt_ids) for r in newcomers)
+    assert [(rows, n) for rows, n, _, _ in spans] == [(1, 3)] * -(-longest // columns)
+    assert [stop - start for _, _, start, stop in spans[:-1]] == [columns] * (len(spans) - 1)
+    assert [start for _, _, start, _ in spans] == list(range(0, longest, columns))  # contiguous, from the first
