@@ -18,7 +18,8 @@ Decode tok/s = (tokens − 1) / (time of the last token − time of the first), 
     .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR] [--quantization int8]
                                      [--compiled]
 
-With ``--quantization int8`` every side runs int8 weights; the bound is still the fp32 one.
+With ``--quantization int8`` every side runs int8 weights; the bound is still the fp32 one. With ``--quantization
+both`` an int8 engine runs beside the fp32 sides (and, with ``--compiled``, a compiled int8 engine too).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def main() -> None:
     engine = Engine(loaded, editor.registry)
     edit = editor.resolve("a") if adapters else None
     fp32_model = loaded.model if main_quant == "none" else load_model(EMBEDDED_MODEL_ID, "cpu", "float32").model
-    int8_engine = None
+    int8_engine = int8_compiled = None
     if args.quantization == "both":
         loaded8 = load_model(EMBEDDED_MODEL_ID, "cpu", "float32", quantization="int8")
         adapters8 = {}
@@ -173,7 +174,10 @@ def main() -> None:
             adapters8["a"] = HPRAdapter.load(
                 args.adapter, hidden_size=loaded8.hidden_size, num_layers=loaded8.num_layers
             )
-        int8_engine = Engine(loaded8, HPREditor(loaded8.model, adapters8).registry)
+        registry8 = HPREditor(loaded8.model, adapters8).registry
+        int8_engine = Engine(loaded8, registry8)
+        if args.compiled:
+            int8_compiled = Engine(loaded8, registry8, compile_decode=True)
     compiled_engine = Engine(loaded, editor.registry, compile_decode=True) if args.compiled else None
     mats = weight_matrices(fp32_model)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
@@ -188,6 +192,9 @@ def main() -> None:
     if int8_engine is not None:
         int8_engine.start()
         results["engine (int8)"] = []
+    if int8_compiled is not None:
+        int8_compiled.start()
+        results["engine (int8, compiled)"] = []
     if compiled_engine is not None:
         compiled_engine.start()
         results["engine (compiled)"] = []
@@ -227,6 +234,10 @@ def main() -> None:
                 runs["engine (int8)"] = lambda: loop.run_until_complete(
                     engine_generate(int8_engine, ids, args.tokens, edit, f"b1q-{time.time()}")
                 )
+            if int8_compiled is not None:
+                runs["engine (int8, compiled)"] = lambda: loop.run_until_complete(
+                    engine_generate(int8_compiled, ids, args.tokens, edit, f"b1qc-{time.time()}")
+                )
             if compiled_engine is not None and compiled_server is not None:
                 runs["engine (compiled)"] = lambda: loop.run_until_complete(
                     engine_generate(compiled_engine, ids, args.tokens, edit, f"b1c-{time.time()}")
@@ -249,6 +260,8 @@ def main() -> None:
             loop.run_until_complete(int8_engine.stop(drain_timeout=10))
         if compiled_engine is not None:
             loop.run_until_complete(compiled_engine.stop(drain_timeout=10))
+        if int8_compiled is not None:
+            loop.run_until_complete(int8_compiled.stop(drain_timeout=10))
     med = {k: statistics.median(v) for k, v in results.items()}
     print("what | decode tok/s (median; runs)")
     for name, values in results.items():
@@ -258,6 +271,9 @@ def main() -> None:
     print(f"engine / HF generate: {med['engine'] / med['HF generate']:.2f}× (target ≥ 1.6)")
     print(f"engine / bound (weights-GEMV): {med['engine'] / bound:.0%} (target ≥ 85 %)")
     print(f"HTTP / engine: {med['HTTP'] / med['engine']:.2f}× (target ≥ 0.9)")
+    for name in ("engine (compiled)", "engine (int8)", "engine (int8, compiled)"):
+        if name in med:
+            print(f"{name} / HF generate: {med[name] / med['HF generate']:.2f}×; / bound: {med[name] / bound:.0%}")
     if "engine (int8)" in med:
         print(f"engine int8 / engine fp32: {med['engine (int8)'] / med['engine']:.2f}×")
     if "engine (compiled)" in med:

@@ -270,3 +270,57 @@ def test_past_max_graphs_steps_run_eagerly_and_compile_nothing(
         assert compiled[name][0] == eager[name][0] and len(eager[name][0]) == 5
         assert compiled[name][1] == pytest.approx(eager[name][1], abs=1e-4)
     assert eager["tiny"][0] != eager["none"][0] or eager["tiny"][1] != eager["none"][1]  # two different steps
+
+
+def test_int8_weights_compile_and_give_the_eager_int8_outputs() -> None:
+    """``--compile-decode`` with ``--quantization int8`` (torchao's weight-only int8 tensors inside the frozen
+    graph): every decode step goes through the compiled graph, with the edit, and gives the eager int8 engine's
+    tokens and logprobs."""
+    pytest.importorskip("torchao")
+    from hpr.model import quantize_weights
+    from tests.conftest import make_random_adapter, make_tiny_llama
+    from tests.server.conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(seed=0, vocab=len(tokenizer))
+    assert quantize_weights(model, "int8") == "int8"
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"  # a torchao tensor now
+    loaded = LoadedModel(model, tokenizer, "tiny-int8", "memory", torch.device("cpu"), torch.float32, "int8")
+    editor = HPREditor(model, {"tiny": make_random_adapter(seed=0)})
+    edit = editor.resolve("tiny", "all", alpha=2.0)
+    paths: list[str] = []
+
+    def ask(compiled: bool) -> tuple[list[int], list[float]]:
+        async def main() -> tuple[list[int], list[float]]:
+            engine = Engine(loaded, editor.registry, compile_decode=compiled)
+            if compiled:
+                assert engine.runner.compiled is not None
+                forward = engine.runner.compiled.forward
+
+                def recording(*args: Any) -> Any:
+                    logits = forward(*args)
+                    paths.append("eager" if logits is None else "compiled")
+                    return logits
+
+                engine.runner.compiled.forward = recording  # type: ignore[method-assign]
+            engine.start()
+            try:
+                request = GenerationRequest(
+                    request_id="q",
+                    prompt_ids=[5, 6, 7],
+                    sampling=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0),
+                    edit=edit,
+                )
+                outputs = await collect(engine, request)
+                return [t for o in outputs for t in o.token_ids], [
+                    lp.logprob for o in outputs for lp in o.logprobs or []
+                ]
+            finally:
+                await engine.stop()
+
+        return run(main())
+
+    eager, compiled = ask(False), ask(True)
+    assert paths == ["compiled"] * 5
+    assert compiled[0] == eager[0] and len(eager[0]) == 6
+    assert compiled[1] == pytest.approx(eager[1], abs=1e-4)
