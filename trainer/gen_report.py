@@ -241,11 +241,15 @@ def rescore(out: Path, samples: int, seed: int) -> dict[str, Any]:
         names = list(report["configs"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"{out}: not an eval-gen run ({exc})") from exc
-    missing = sorted({n for r in rows for n in names if n not in r.get("answers", {})})
+    missing = sorted({n for r in rows for n in names if not isinstance(r, dict) or n not in r.get("answers", {})})
     if not rows or BASE not in names or missing:
         raise DataError(f"{answers_file}: does not hold every configuration of {summary_file} (missing: {missing})")
-    changed = rejudge(names, rows)
-    report["results"] = summarise(names, rows, samples, seed)
+    try:
+        changed = rejudge(names, rows)
+        results = summarise(names, rows, samples, seed)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{answers_file}: an answer lacks what eval-gen stores with it ({exc!r})") from exc
+    report["results"] = results
     report["rule"] = choose(report["results"])
     report["rescored"] = {"changed_answers": changed, "bootstrap": samples, "seed": seed}
     write_run(out, report, rows)

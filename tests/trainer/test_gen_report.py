@@ -154,6 +154,11 @@ def test_rescore_bad_runs_are_named_and_left_as_they_were(tmp_path: Path, capsys
     assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
     assert "does not hold every configuration" in capsys.readouterr().err
     assert {f: (tmp_path / f).read_text() for f in before} == before
+    _stored_run(tmp_path)
+    rows = (tmp_path / "answers.jsonl").read_text().splitlines()
+    (tmp_path / "answers.jsonl").write_text("\n".join([*rows[:2], rows[2].replace('"text"', '"words"')]) + "\n")
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
+    assert "an answer lacks what eval-gen stores with it (KeyError('text'))" in capsys.readouterr().err
     (tmp_path / "eval_gen.json").write_text("{not json")
     assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
     assert "not an eval-gen run" in capsys.readouterr().err
