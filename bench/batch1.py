@@ -9,14 +9,14 @@ All in one run, on the embedded SmolLM2 in fp32 with ``--threads`` torch threads
 - **engine**: ``Engine.generate`` in this process, batch 1, with the trained adapter's default edit
   (``--adapter``, default ``runs/truthfulqa/checkpoint``; none if missing).
 - **engine (compiled)** and **HTTP (compiled)**, with ``--compiled``: the same engine, and a second server, with the
-  compiled decode step (``--compile-decode``).
+  compiled decode step (``--compile-decode``; with ``--autotune`` also ``--compile-autotune``).
 - **HTTP**: the same request streamed from ``hpr-serve`` (a subprocess with the same adapter) by a minimal
   asyncio client; the clock runs from the first streamed token to the last.
 
 Decode tok/s = (tokens − 1) / (time of the last token − time of the first), so prefill is left out everywhere.
 
     .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR] [--quantization int8]
-                                     [--compiled]
+                                     [--compiled [--autotune]]
 
 With ``--quantization int8`` every side runs int8 weights; the bound is still the fp32 one. With ``--quantization
 both`` an int8 engine runs beside the fp32 sides (and, with ``--compiled``, a compiled int8 engine too).
@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument(
         "--compiled", action="store_true", help="also an engine with the compiled decode step (--compile-decode)"
     )
+    parser.add_argument(
+        "--autotune", action="store_true", help="the compiled sides compile with --compile-autotune (max-autotune)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     main_quant = "none" if args.quantization == "both" else args.quantization
@@ -177,8 +180,10 @@ def main() -> None:
         registry8 = HPREditor(loaded8.model, adapters8).registry
         int8_engine = Engine(loaded8, registry8)
         if args.compiled:
-            int8_compiled = Engine(loaded8, registry8, compile_decode=True)
-    compiled_engine = Engine(loaded, editor.registry, compile_decode=True) if args.compiled else None
+            int8_compiled = Engine(loaded8, registry8, compile_decode=True, compile_autotune=args.autotune)
+    compiled_engine = (
+        Engine(loaded, editor.registry, compile_decode=True, compile_autotune=args.autotune) if args.compiled else None
+    )
     mats = weight_matrices(fp32_model)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     print(
@@ -214,7 +219,7 @@ def main() -> None:
                         "cpu",
                         "float32",
                         args.threads,
-                        extra_args=[*flags, "--compile-decode"],
+                        extra_args=[*flags, "--compile-decode", *(["--compile-autotune"] if args.autotune else [])],
                     )
                 )
                 if args.compiled

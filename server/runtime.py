@@ -81,6 +81,7 @@ def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) 
         max_step_tokens=settings.max_step_tokens or None,
         compile_decode=settings.compile_decode,
         compile_max_graphs=settings.compile_max_graphs,
+        compile_autotune=settings.compile_autotune,
     )
     return engine
 

@@ -107,6 +107,12 @@ class ServerSettings(BaseSettings):
         "loaded adapter's default edit need, one row and several (docs/server.md). Takes about a minute per graph "
         "on the development CPU at startup instead of at the first requests.",
     )
+    compile_autotune: bool = Field(
+        default=False,
+        description="With --compile-decode: let inductor benchmark its matmul kernels against the library's when "
+        "it compiles (torch.compile mode max-autotune-no-cudagraphs). On the development CPU 1.09x the decode "
+        "speed at batch 1, for about twice the compile time (docs/benchmarks.md).",
+    )
     api_key: StrList = Field(
         default_factory=list, description="Accepted API key (Bearer token). Without any key, no authentication."
     )
@@ -167,6 +173,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("--admin-key must differ from every --api-key")
         if self.compile_warmup and not self.compile_decode:
             raise ValueError("--compile-warmup warms up the compiled decode step: it needs --compile-decode")
+        if self.compile_autotune and not self.compile_decode:
+            raise ValueError("--compile-autotune tunes the compiled decode step: it needs --compile-decode")
         return self
 
     def adapter_paths(self) -> dict[str, Path]:

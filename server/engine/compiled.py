@@ -45,6 +45,7 @@ from server.engine.mixed import can_mix
 RECOMPILE_LIMIT = 32
 # Graphs compiled at most by default (each holds a packed copy of the weights on a CPU: see the module docstring).
 MAX_GRAPHS = 4
+AUTOTUNE_MODE = "max-autotune-no-cudagraphs"  # CUDA graphs would need bucketed batch sizes (module docstring)
 
 
 def can_compile(model: nn.Module) -> bool:
@@ -141,7 +142,12 @@ class CompiledDecoder:
     """Runs decode steps through one ``torch.compile``'d :func:`_decode_step` (see the module docstring)."""
 
     def __init__(
-        self, model: nn.Module, registry: AdapterRegistry, num_layers: int, max_graphs: int = MAX_GRAPHS
+        self,
+        model: nn.Module,
+        registry: AdapterRegistry,
+        num_layers: int,
+        max_graphs: int = MAX_GRAPHS,
+        autotune: bool = False,
     ) -> None:
         if not can_compile(model):
             raise ValueError("the compiled decode step needs a Llama-type model with attn_implementation 'sdpa'")
@@ -157,7 +163,10 @@ class CompiledDecoder:
         # Inductor's config is per thread: it is set on the engine thread, before its first compile (set here, on
         # the constructing thread, or passed as torch.compile(options=...), it did not apply: 1.07-1.17x measured).
         self._freeze = self.device.type == "cpu"
-        self._step = torch.compile(_decode_step)
+        # autotune: inductor times its generated matmul kernels against the library's (oneDNN/MKL on a CPU) and keeps
+        # the faster; at batch 1 on the development CPU 1.09x the default, compiling twice as long.
+        self.mode = AUTOTUNE_MODE if autotune else None
+        self._step = torch.compile(_decode_step, mode=self.mode)
         self._edits: tuple[object, tuple[InlineEdit, ...]] | None = None  # (plan, its inline edits)
         if max_graphs < 1:
             raise ValueError("max_graphs must be ≥ 1")

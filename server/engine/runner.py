@@ -77,6 +77,7 @@ class ModelRunner:
         on_edit: Callable[[int, int], None] | None = None,
         compile_decode: bool = False,
         compile_max_graphs: int = MAX_GRAPHS,
+        compile_autotune: bool = False,
     ) -> None:
         self.model = model
         self.editor = editor
@@ -94,7 +95,9 @@ class ModelRunner:
         self.mixable = can_mix(model)  # decode steps and prefill chunks may share a forward
         # decode steps through one torch.compile'd graph (server.engine.compiled), or the eager forward
         self.compiled = (
-            CompiledDecoder(model, editor.registry, self.num_layers, compile_max_graphs) if compile_decode else None
+            CompiledDecoder(model, editor.registry, self.num_layers, compile_max_graphs, autotune=compile_autotune)
+            if compile_decode
+            else None
         )
 
     # ---- forward passes -------------------------------------------------------------------------------------

@@ -145,5 +145,10 @@ def test_engine_settings_reach_the_engine(tiny_model_dir: Path) -> None:
 
     plain = engine()
     assert (plain.prefill_chunk, plain.mixed_prefill, plain.max_step_tokens) == (256, True, None)
+    assert plain.runner.compiled is None
     tuned = engine("--prefill-chunk", "0", "--no-mixed-prefill", "--max-step-tokens", "40")
     assert (tuned.prefill_chunk, tuned.mixed_prefill, tuned.max_step_tokens) == (None, False, 40)
+    compiled = engine("--compile-decode", "--compile-max-graphs", "2", "--compile-autotune")
+    assert compiled.runner.compiled is not None
+    assert (compiled.runner.compiled.max_graphs, compiled.runner.compiled.mode) == (2, "max-autotune-no-cudagraphs")
+    assert engine("--compile-decode").runner.compiled.mode is None  # type: ignore[union-attr]

@@ -57,6 +57,15 @@ def test_compile_warmup_needs_the_compiled_step(capsys: Any) -> None:
     assert "--compile-warmup warms up the compiled decode step: it needs --compile-decode" in capsys.readouterr().err
 
 
+def test_compile_autotune_needs_the_compiled_step(capsys: Any) -> None:
+    assert parse_settings(["--compile-decode", "--compile-autotune"]).compile_autotune is True
+    assert parse_settings([]).compile_autotune is False
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--compile-autotune"])
+    assert exc.value.code == 2
+    assert "--compile-autotune tunes the compiled decode step: it needs --compile-decode" in capsys.readouterr().err
+
+
 def test_a_warmed_up_server_compiles_nothing_for_default_requests(tiny_settings: Any, tmp_path: Any) -> None:
     """The graphs the base model and an adapter's defaults need (one row and two; the adapter's default stops
     editing after 2 tokens, so its unedited step too) are compiled before /health is ok; requests with those edits

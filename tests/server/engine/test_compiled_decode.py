@@ -324,3 +324,43 @@ def test_int8_weights_compile_and_give_the_eager_int8_outputs() -> None:
     assert paths == ["compiled"] * 5
     assert compiled[0] == eager[0] and len(eager[0]) == 6
     assert compiled[1] == pytest.approx(eager[1], abs=1e-4)
+
+
+def test_autotune_compiles_in_inductors_autotune_mode_and_gives_the_eager_outputs(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile_autotune``: the step is compiled with ``mode="max-autotune-no-cudagraphs"`` and answers as the eager
+    engine does."""
+    modes: list[str | None] = []
+    real = torch.compile
+
+    def recording(fn: Any, **kwargs: Any) -> Any:
+        modes.append(kwargs.get("mode"))
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    edit = tiny_editor.resolve("tiny", "all", alpha=2.0)
+
+    def ask(**kwargs: Any) -> tuple[list[int], list[float]]:
+        async def main() -> tuple[list[int], list[float]]:
+            engine = Engine(tiny_loaded, tiny_editor.registry, **kwargs)
+            engine.start()
+            try:
+                request = GenerationRequest(
+                    request_id="q",
+                    prompt_ids=[5, 6, 7],
+                    sampling=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=0),
+                    edit=edit,
+                )
+                outputs = await collect(engine, request)
+                logprobs = [lp.logprob for o in outputs for lp in o.logprobs or []]
+                return [t for o in outputs for t in o.token_ids], logprobs
+            finally:
+                await engine.stop()
+
+        return run(main())
+
+    eager, tuned = ask(), ask(compile_decode=True, compile_autotune=True)
+    assert modes == ["max-autotune-no-cudagraphs"]
+    assert tuned[0] == eager[0] and len(eager[0]) == 5
+    assert tuned[1] == pytest.approx(eager[1], abs=1e-4)
