@@ -93,6 +93,8 @@ async def one_round(engine: Engine, args: argparse.Namespace, edit: object, roun
     await asyncio.gather(*(newcomer(j, sent) for j in range(args.newcomers)))
     all_in = time.perf_counter()
     await asyncio.gather(*tasks)
+    if any(s[-1] < all_in for s in stamps):
+        raise SystemExit("a stream ended before every newcomer had its first token: raise --stream-tokens")
     arriving = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > sent and a < all_in]
     # per stream, the token indices k whose gap (token k-1 → k) fell in the arrival window
     windows = [[k for k in range(1, len(s)) if s[k] > sent and s[k - 1] < all_in] for s in stamps]

@@ -173,6 +173,11 @@ class ServerSettings(BaseSettings):
             raise ValueError("--admin-key must differ from every --api-key")
         if self.compile_warmup and not self.compile_decode:
             raise ValueError("--compile-warmup warms up the compiled decode step: it needs --compile-decode")
+        if self.max_step_tokens and self.max_step_tokens <= self.max_batch_size:
+            raise ValueError(
+                f"--max-step-tokens {self.max_step_tokens} must exceed --max-batch-size {self.max_batch_size}: the "
+                "running rows alone would take the whole budget and no prefill chunk would fit"
+            )
         if self.compile_autotune and not self.compile_decode:
             raise ValueError("--compile-autotune tunes the compiled decode step: it needs --compile-decode")
         return self

@@ -14,9 +14,13 @@ from typing import Any
 from hpr.errors import HPRError
 from hpr.model import EMBEDDED_MODEL_ID, QUANTIZATIONS
 from trainer.eval_gen import EditConfig, EvalGenOptions, parse_config, run_eval_gen
-from trainer.gen_report import BASE, rescore
+from trainer.gen_report import BASE, DEFAULT_BOOTSTRAP, DEFAULT_SEED, rescore
 
 CHAT_QUESTIONS = Path(__file__).with_name("chat_questions.txt")
+
+
+# Options that choose what to generate: meaningless with --rescore, which judges answers already generated.
+RESCORE_IGNORES = {"--adapter": "adapter", "--config": "config", "--base-url": "base_url"}
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -93,8 +97,13 @@ def add_eval_gen_parser(sub: Any) -> None:
         help="everyday questions outside TruthfulQA for the fluency guard (.txt or .jsonl) [ours, 40]",
     )
     p.add_argument("--no-chat-questions", action="store_true", help="TruthfulQA only")
-    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the CIs [10000]")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed [0]")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=None,
+        help=f"bootstrap resamples for the CIs [{DEFAULT_BOOTSTRAP}; with --rescore: the run's own]",
+    )
+    p.add_argument("--seed", type=int, default=None, help=f"bootstrap seed [{DEFAULT_SEED}; with --rescore: the run's]")
     p.add_argument(
         "--rescore",
         action="store_true",
@@ -126,8 +135,8 @@ def options_from_args(args: argparse.Namespace) -> EvalGenOptions:
         max_tokens=args.max_tokens,
         concurrency=args.concurrency,
         chat_questions=None if args.no_chat_questions else args.chat_questions,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
+        bootstrap=DEFAULT_BOOTSTRAP if args.bootstrap is None else args.bootstrap,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
         progress=not args.no_progress,
     )
 
@@ -164,6 +173,12 @@ def run_eval_gen_cli(args: argparse.Namespace) -> int:
 
     args.threads = set_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
+    if args.rescore:
+        given = [flag for flag, value in RESCORE_IGNORES.items() if getattr(args, value)]
+        if given:
+            print(f"hpr-train eval-gen: error: --rescore judges stored answers; it takes no {', '.join(given)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     try:
         report = rescore(args.out, args.bootstrap, args.seed) if args.rescore else run_eval_gen(options_from_args(args))
     except (HPRError, ValueError) as exc:

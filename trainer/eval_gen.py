@@ -372,6 +372,7 @@ def run_eval_gen(opts: EvalGenOptions) -> dict[str, Any]:
         "configs": {n: {"requested": asdict(configs[n]), "applied": applied[n]} for n in names},
         "results": results,
         "rule": choose(results),
+        "bootstrap": {"samples": opts.bootstrap, "seed": opts.seed},
         "prompt_token_mismatches": len(mismatched),
         "perplexities_from_server": sum(len(k) for k in known),
         "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -39,12 +39,14 @@ NON_ANSWER = re.compile(
     r"|i\s+(?:have|had)\s+no\s+(?:idea|opinion|information|way\s+of\s+knowing)"
     r"|(?:sorry|i'm\s+sorry|i\s+apologi[sz]e)\b"
     r"|(?:as\s+an\s+ai\b)"
+    # a chatbot talking about itself instead of the subject: "As a chatbot, ...", "The AI does not have the
+    # ability to ...", "The AI assistant is designed to ...", "I don't have access to ..."
     r"|as\s+a\s+(?:chatbot|language\s+model|virtual\s+assistant|ai\s+(?:assistant|model|language\s+model))\b"
-    r"|(?:the|this|an?)\s+(?:ai|chatbot|language\s+model)(?:\s+assistant)?\s+(?:"
-    r"(?:does\s*n[o']?t|cannot|can't|is\s+(?:not|unable)\s+(?:able\s+)?to)\s+"
-    r"(?:have|possess|access|provide|answer|know|predict|browse)"
-    r"|is\s+(?:designed|here|programmed|built)\s+to)\b"
-    r"|i\s+(?:do\s*n[o']?t|don't)\s+have\s+(?:the\s+ability|access|personal|real-time|opinions|feelings)\b"
+    r"|(?:the|this)\s+(?:ai|chatbot)(?:\s+assistant)?\s+(?:"
+    r"(?:does\s*n[o'’]?t|cannot|can[’']t|is\s+(?:not|unable)\s+(?:able\s+)?to)\s+"
+    r"(?:have\s+(?:the\s+)?(?:ability|capability|access)|access|browse)"
+    r"|is\s+(?:designed|here|programmed)\s+to\s+(?:provide|assist|help))\b"
+    r"|i\s+(?:do\s*n[o'’]?t|don[’']t)\s+have\s+(?:the\s+ability|the\s+capability|access|real-time)\b"
     r"|(?:unknown|nobody\s+knows|no\s+one\s+knows)\W*$"
     r")",
     re.IGNORECASE,

@@ -22,6 +22,7 @@ from trainer.store import atomic_write
 
 BASE = "base"
 SUMMARY_FILE, ANSWERS_FILE = "eval_gen.json", "answers.jsonl"
+DEFAULT_BOOTSTRAP, DEFAULT_SEED = 10000, 0  # paired-bootstrap resamples for the CIs, and their seed
 # The fluency guard a served default must hold (docs/quality.md): relative to the base on the same questions.
 GUARD_PPL_RATIO = 1.15
 GUARD_DEGENERATE_POINTS = 0.02
@@ -222,15 +223,17 @@ def write_run(out: Path, report: dict[str, Any], rows: Sequence[dict[str, Any]])
     """``out/answers.jsonl``, then ``out/eval_gen.json`` (each atomically; the summary last, so a summary never
     stands beside answers it does not describe)."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY_FILE).unlink(missing_ok=True)  # a failed write below leaves no summary, not a stale one
     lines = "".join(json.dumps(_json_ready(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
     atomic_write(out / ANSWERS_FILE, lambda tmp: Path(tmp).write_text(lines))
     text = json.dumps(_json_ready(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
-def rescore(out: Path, samples: int, seed: int) -> dict[str, Any]:
+def rescore(out: Path, samples: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """Judge a finished run's stored answers again by today's text rules (:func:`rejudge`) and rewrite its summary
-    and answers: no model, no server. For a run judged before a rule changed (the non-answer patterns)."""
+    and answers: no model, no server. For a run judged before a rule changed (the non-answer patterns). The CIs use
+    the run's own bootstrap settings unless ``samples`` / ``seed`` are given."""
     summary_file, answers_file = out / SUMMARY_FILE, out / ANSWERS_FILE
     for file in (summary_file, answers_file):
         if not file.is_file():
@@ -241,9 +244,18 @@ def rescore(out: Path, samples: int, seed: int) -> dict[str, Any]:
         names = list(report["configs"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"{out}: not an eval-gen run ({exc})") from exc
-    missing = sorted({n for r in rows for n in names if not isinstance(r, dict) or n not in r.get("answers", {})})
-    if not rows or BASE not in names or missing:
+    if not rows:
+        raise DataError(f"{answers_file}: no answers")
+    if BASE not in names:
+        raise DataError(f"{summary_file}: no {BASE!r} configuration (every difference is from the base)")
+    held = [r.get("answers") if isinstance(r, dict) else None for r in rows]
+    missing = sorted({n for answers in held for n in names if not isinstance(answers, dict) or n not in answers})
+    if missing:
         raise DataError(f"{answers_file}: does not hold every configuration of {summary_file} (missing: {missing})")
+    recorded = report.get("bootstrap")
+    stored: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    samples = samples if samples is not None else int(stored.get("samples", DEFAULT_BOOTSTRAP))
+    seed = seed if seed is not None else int(stored.get("seed", DEFAULT_SEED))
     try:
         changed = rejudge(names, rows)
         results = summarise(names, rows, samples, seed)
@@ -251,6 +263,7 @@ def rescore(out: Path, samples: int, seed: int) -> dict[str, Any]:
         raise DataError(f"{answers_file}: an answer lacks what eval-gen stores with it ({exc!r})") from exc
     report["results"] = results
     report["rule"] = choose(report["results"])
-    report["rescored"] = {"changed_answers": changed, "bootstrap": samples, "seed": seed}
+    report["bootstrap"] = {"samples": samples, "seed": seed}
+    report["rescored"] = {"changed_answers": changed}
     write_run(out, report, rows)
     return report

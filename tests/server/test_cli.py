@@ -62,6 +62,7 @@ def test_env_vars_with_flags_winning(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--compile-max-graphs", "0"], "--compile-max-graphs"),
         (["--max-step-tokens", "-1"], "--max-step-tokens"),
         (["--max-step-tokens", "lots"], "--max-step-tokens"),
+        (["--max-step-tokens", "32"], "--max-step-tokens 32 must exceed --max-batch-size 32"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_problem(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,7 +147,7 @@ def test_engine_settings_reach_the_engine(tiny_model_dir: Path) -> None:
     plain = engine()
     assert (plain.prefill_chunk, plain.mixed_prefill, plain.max_step_tokens) == (256, True, None)
     assert plain.runner.compiled is None
-    tuned = engine("--prefill-chunk", "0", "--no-mixed-prefill", "--max-step-tokens", "40")
+    tuned = engine("--prefill-chunk", "0", "--no-mixed-prefill", "--max-step-tokens", "40", "--max-batch-size", "8")
     assert (tuned.prefill_chunk, tuned.mixed_prefill, tuned.max_step_tokens) == (None, False, 40)
     compiled = engine("--compile-decode", "--compile-max-graphs", "2", "--compile-autotune")
     assert compiled.runner.compiled is not None

@@ -76,6 +76,13 @@ def test_repeated_4gram_share() -> None:
         ("The AI model predicts the weather from satellite data.", False),
         ("The assistant coach is designed to help the players.", False),
         ("I don't have a cat, but cats sleep 15 hours a day.", False),
+        ("I don’t have access to the internet.", True),  # a curly apostrophe
+        ("The AI can’t browse the web.", True),
+        ("A language model is designed to predict the next word.", False),
+        ("An AI is designed to learn patterns from data.", False),
+        ("An AI cannot know everything, but it predicts text.", False),
+        ("The AI does not have feelings.", False),
+        ("I don't have personal experience, but eggs boil in 10 minutes.", False),
         ("The capital of France is Paris.", False),
         ("Nobody knows the exact number, but estimates say 7 billion.", False),
         ("Knowing the answer helps. I don't know everything.", False),

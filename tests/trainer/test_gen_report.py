@@ -129,7 +129,7 @@ def test_rescore_judges_stored_answers_by_todays_rules(tmp_path: Path) -> None:
     assert [r["answers"]["base"]["non_answer"] for r in rows] == [False, False, False]
     # The limit is the base's own 95th percentile on the set (2 + 0.95 × (3 - 2)), so the base's 3.0 is over it too.
     assert [r["answers"]["base"]["degenerate"] for r in rows] == [False, True, False]
-    assert report["rescored"] == {"changed_answers": 4, "bootstrap": 200, "seed": 0}
+    assert report["rescored"] == {"changed_answers": 4} and report["bootstrap"] == {"samples": 200, "seed": 0}
     tqa = report["results"]["edit"]["truthfulqa"]["fluency"]
     assert tqa["non_answer"]["value"] == pytest.approx(0.5) and tqa["non_answer"]["delta"] == pytest.approx(0.5)
     assert tqa["degenerate"]["value"] == pytest.approx(0.5) and tqa["degenerate"]["delta"] == pytest.approx(0.0)
@@ -139,9 +139,10 @@ def test_rescore_judges_stored_answers_by_todays_rules(tmp_path: Path) -> None:
     assert report["rule"] == {"choice": None, "least_harm": "edit", "reason": "no edit holds the fluency guard"}
     assert report["seconds"] == {"total": 1}  # the rest of the summary is kept
     assert rows[2]["answers"]["edit"]["perplexity"] is None  # strict JSON again
-    # Judged again, nothing changes.
-    assert main(["eval-gen", "--out", str(tmp_path), "--rescore", "--bootstrap", "200"]) == 0
-    assert json.loads((tmp_path / "eval_gen.json").read_text())["rescored"]["changed_answers"] == 0
+    # Judged again, nothing changes; the run's own bootstrap settings are kept unless given.
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore", "--seed", "3"]) == 0
+    again = json.loads((tmp_path / "eval_gen.json").read_text())
+    assert again["rescored"] == {"changed_answers": 0} and again["bootstrap"] == {"samples": 200, "seed": 3}
 
 
 def test_rescore_bad_runs_are_named_and_left_as_they_were(tmp_path: Path, capsys: Any) -> None:
@@ -159,6 +160,16 @@ def test_rescore_bad_runs_are_named_and_left_as_they_were(tmp_path: Path, capsys
     (tmp_path / "answers.jsonl").write_text("\n".join([*rows[:2], rows[2].replace('"text"', '"words"')]) + "\n")
     assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
     assert "an answer lacks what eval-gen stores with it (KeyError('text'))" in capsys.readouterr().err
+    _stored_run(tmp_path)
+    (tmp_path / "answers.jsonl").write_text('{"set": "truthfulqa", "answers": null}\n')
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
+    assert "missing: ['base', 'edit']" in capsys.readouterr().err
+    (tmp_path / "answers.jsonl").write_text("\n")
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
+    assert "answers.jsonl: no answers" in capsys.readouterr().err
+    _stored_run(tmp_path)
+    assert main(["eval-gen", "--out", str(tmp_path), "--rescore", "--config", "x=tiny"]) == 2
+    assert "--rescore judges stored answers; it takes no --config" in capsys.readouterr().err
     (tmp_path / "eval_gen.json").write_text("{not json")
     assert main(["eval-gen", "--out", str(tmp_path), "--rescore"]) == 2
     assert "not an eval-gen run" in capsys.readouterr().err

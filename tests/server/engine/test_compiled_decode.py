@@ -272,6 +272,21 @@ def test_past_max_graphs_steps_run_eagerly_and_compile_nothing(
     assert eager["tiny"][0] != eager["none"][0] or eager["tiny"][1] != eager["none"][1]  # two different steps
 
 
+def _record_paths(engine: Engine, paths: list[str]) -> None:
+    """Append, per decode step of ``engine``'s compiled decoder, whether it ran the graph or fell back to eager."""
+    compiled = engine.runner.compiled
+    if compiled is None:
+        return
+    forward = compiled.forward
+
+    def recording(*args: Any) -> Any:
+        logits = forward(*args)
+        paths.append("eager" if logits is None else "compiled")
+        return logits
+
+    compiled.forward = recording  # type: ignore[method-assign]
+
+
 def test_int8_weights_compile_and_give_the_eager_int8_outputs() -> None:
     """``--compile-decode`` with ``--quantization int8`` (torchao's weight-only int8 tensors inside the frozen
     graph): every decode step goes through the compiled graph, with the edit, and gives the eager int8 engine's
@@ -294,15 +309,7 @@ def test_int8_weights_compile_and_give_the_eager_int8_outputs() -> None:
         async def main() -> tuple[list[int], list[float]]:
             engine = Engine(loaded, editor.registry, compile_decode=compiled)
             if compiled:
-                assert engine.runner.compiled is not None
-                forward = engine.runner.compiled.forward
-
-                def recording(*args: Any) -> Any:
-                    logits = forward(*args)
-                    paths.append("eager" if logits is None else "compiled")
-                    return logits
-
-                engine.runner.compiled.forward = recording  # type: ignore[method-assign]
+                _record_paths(engine, paths)
             engine.start()
             try:
                 request = GenerationRequest(
@@ -341,9 +348,12 @@ def test_autotune_compiles_in_inductors_autotune_mode_and_gives_the_eager_output
     monkeypatch.setattr(torch, "compile", recording)
     edit = tiny_editor.resolve("tiny", "all", alpha=2.0)
 
+    paths: list[str] = []
+
     def ask(**kwargs: Any) -> tuple[list[int], list[float]]:
         async def main() -> tuple[list[int], list[float]]:
             engine = Engine(tiny_loaded, tiny_editor.registry, **kwargs)
+            _record_paths(engine, paths)
             engine.start()
             try:
                 request = GenerationRequest(
@@ -361,6 +371,6 @@ def test_autotune_compiles_in_inductors_autotune_mode_and_gives_the_eager_output
         return run(main())
 
     eager, tuned = ask(), ask(compile_decode=True, compile_autotune=True)
-    assert modes == ["max-autotune-no-cudagraphs"]
+    assert modes == ["max-autotune-no-cudagraphs"] and paths == ["compiled"] * 4
     assert tuned[0] == eager[0] and len(eager[0]) == 5
     assert tuned[1] == pytest.approx(eager[1], abs=1e-4)

@@ -206,28 +206,35 @@ def test_rows_that_reach_their_edit_tokens_during_mixed_forwards_stop_being_edit
     assert first is not None and all(s.tokens == len(newcomers[0].prompt_ids) + 1 for s in first.layers.values())
 
 
-@pytest.mark.parametrize(("budget", "columns"), [(7, 2), (2, 1)])
+@pytest.mark.parametrize(("budget", "columns", "mixing"), [(9, 2, True), (9, 2, False), (2, 1, True)])
 def test_a_step_budget_sizes_each_chunk_by_what_the_running_rows_leave(
-    tiny_loaded: LoadedModel, tiny_editor: HPREditor, budget: int, columns: int
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, budget: int, columns: int, mixing: bool
 ) -> None:
-    """``max_step_tokens``: 1 running row + 3 newcomers × c columns ≤ the budget, at least one column each; the
+    """``max_step_tokens``: 1 running row + 3 newcomers × c columns ≤ the budget (9 leaves 8 tokens: 2 columns
+    each, where 9 // 3 would be 3), mixed or apart; at least one column each, even past the budget (2); the
     answers are those of whole-prompt prefills run apart."""
     running, newcomers = _requests(tiny_loaded, tiny_editor)
     apart = _serve(
         Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=None, mixed_prefill=False), running, newcomers
     )
-    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=256, mixed_prefill=True, max_step_tokens=budget)
-    spans: list[tuple[int, int, int, int]] = []  # (decode rows, newcomers, start, stop) per mixed forward
-    forward = engine.runner._mixed_forward
+    engine = Engine(tiny_loaded, tiny_editor.registry, prefill_chunk=256, mixed_prefill=mixing, max_step_tokens=budget)
+    spans: list[tuple[int, int]] = []  # (start, stop) of each chunk of the three newcomers' prefill
+    runner = engine.runner
+    mixed_forward, chunk = runner._mixed_forward, runner._prefill_chunk
 
-    def recording(batch: Any, job: Any) -> Any:
-        spans.append((len(batch), len(job.states), *job.next_span()))
-        return forward(batch, job)
+    def recording_mixed(batch: Any, job: Any) -> Any:
+        assert len(batch) == 1 and len(job.states) == 3
+        spans.append(job.next_span())
+        return mixed_forward(batch, job)
 
-    engine.runner._mixed_forward = recording  # type: ignore[method-assign]
+    def recording_chunk(job: Any) -> Any:
+        if len(job.states) == 3:  # not the running request's own prefill, before there is a batch
+            spans.append(job.next_span())
+        return chunk(job)
+
+    runner._mixed_forward = recording_mixed  # type: ignore[method-assign]
+    runner._prefill_chunk = recording_chunk  # type: ignore[method-assign]
     together = _serve(engine, running, newcomers)
     _assert_same(apart, together)
     longest = max(len(r.prompt_ids) for r in newcomers)
-    assert [(rows, n) for rows, n, _, _ in spans] == [(1, 3)] * -(-longest // columns)
-    assert [stop - start for _, _, start, stop in spans[:-1]] == [columns] * (len(spans) - 1)
-    assert [start for _, _, start, _ in spans] == list(range(0, longest, columns))  # contiguous, from the first
+    assert spans == [(start, min(start + columns, longest)) for start in range(0, longest, columns)]
