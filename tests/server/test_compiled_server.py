@@ -48,22 +48,21 @@ def test_the_compiled_server_answers_as_the_eager_one(tiny_settings: Any) -> Non
         assert abs(a - b) < 1e-4
 
 
-def test_compile_warmup_needs_the_compiled_step(capsys: Any) -> None:
-    assert parse_settings(["--compile-decode", "--compile-warmup"]).compile_warmup is True
-    assert parse_settings([]).compile_warmup is False
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--compile-warmup", "--compile-warmup warms up the compiled decode step: it needs --compile-decode"),
+        ("--compile-autotune", "--compile-autotune tunes the compiled decode step: it needs --compile-decode"),
+    ],
+)
+def test_compile_options_need_the_compiled_step(flag: str, message: str, capsys: Any) -> None:
+    field = flag.removeprefix("--").replace("-", "_")
+    assert getattr(parse_settings(["--compile-decode", flag]), field) is True
+    assert getattr(parse_settings([]), field) is False
     with pytest.raises(SystemExit) as exc:
-        parse_settings(["--compile-warmup"])
+        parse_settings([flag])
     assert exc.value.code == 2
-    assert "--compile-warmup warms up the compiled decode step: it needs --compile-decode" in capsys.readouterr().err
-
-
-def test_compile_autotune_needs_the_compiled_step(capsys: Any) -> None:
-    assert parse_settings(["--compile-decode", "--compile-autotune"]).compile_autotune is True
-    assert parse_settings([]).compile_autotune is False
-    with pytest.raises(SystemExit) as exc:
-        parse_settings(["--compile-autotune"])
-    assert exc.value.code == 2
-    assert "--compile-autotune tunes the compiled decode step: it needs --compile-decode" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_warmed_up_server_compiles_nothing_for_default_requests(tiny_settings: Any, tmp_path: Any) -> None:

@@ -287,6 +287,32 @@ def _record_paths(engine: Engine, paths: list[str]) -> None:
     compiled.forward = recording  # type: ignore[method-assign]
 
 
+def _greedy(
+    loaded: LoadedModel, editor: HPREditor, edit: Any, tokens: int, paths: list[str], **engine_kwargs: Any
+) -> tuple[list[int], list[float]]:
+    """One greedy request of ``tokens`` tokens on a fresh engine: its tokens and logprobs (its compiled decoder's
+    steps recorded in ``paths``)."""
+
+    async def main() -> tuple[list[int], list[float]]:
+        engine = Engine(loaded, editor.registry, **engine_kwargs)
+        _record_paths(engine, paths)
+        engine.start()
+        try:
+            request = GenerationRequest(
+                request_id="q",
+                prompt_ids=[5, 6, 7],
+                sampling=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=0),
+                edit=edit,
+            )
+            outputs = await collect(engine, request)
+            logprobs = [lp.logprob for o in outputs for lp in o.logprobs or []]
+            return [t for o in outputs for t in o.token_ids], logprobs
+        finally:
+            await engine.stop()
+
+    return run(main())
+
+
 def test_int8_weights_compile_and_give_the_eager_int8_outputs() -> None:
     """``--compile-decode`` with ``--quantization int8`` (torchao's weight-only int8 tensors inside the frozen
     graph): every decode step goes through the compiled graph, with the edit, and gives the eager int8 engine's
@@ -304,30 +330,8 @@ def test_int8_weights_compile_and_give_the_eager_int8_outputs() -> None:
     editor = HPREditor(model, {"tiny": make_random_adapter(seed=0)})
     edit = editor.resolve("tiny", "all", alpha=2.0)
     paths: list[str] = []
-
-    def ask(compiled: bool) -> tuple[list[int], list[float]]:
-        async def main() -> tuple[list[int], list[float]]:
-            engine = Engine(loaded, editor.registry, compile_decode=compiled)
-            if compiled:
-                _record_paths(engine, paths)
-            engine.start()
-            try:
-                request = GenerationRequest(
-                    request_id="q",
-                    prompt_ids=[5, 6, 7],
-                    sampling=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0),
-                    edit=edit,
-                )
-                outputs = await collect(engine, request)
-                return [t for o in outputs for t in o.token_ids], [
-                    lp.logprob for o in outputs for lp in o.logprobs or []
-                ]
-            finally:
-                await engine.stop()
-
-        return run(main())
-
-    eager, compiled = ask(False), ask(True)
+    eager = _greedy(loaded, editor, edit, 6, paths)
+    compiled = _greedy(loaded, editor, edit, 6, paths, compile_decode=True)
     assert paths == ["compiled"] * 5
     assert compiled[0] == eager[0] and len(eager[0]) == 6
     assert compiled[1] == pytest.approx(eager[1], abs=1e-4)
@@ -347,30 +351,9 @@ def test_autotune_compiles_in_inductors_autotune_mode_and_gives_the_eager_output
 
     monkeypatch.setattr(torch, "compile", recording)
     edit = tiny_editor.resolve("tiny", "all", alpha=2.0)
-
     paths: list[str] = []
-
-    def ask(**kwargs: Any) -> tuple[list[int], list[float]]:
-        async def main() -> tuple[list[int], list[float]]:
-            engine = Engine(tiny_loaded, tiny_editor.registry, **kwargs)
-            _record_paths(engine, paths)
-            engine.start()
-            try:
-                request = GenerationRequest(
-                    request_id="q",
-                    prompt_ids=[5, 6, 7],
-                    sampling=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=0),
-                    edit=edit,
-                )
-                outputs = await collect(engine, request)
-                logprobs = [lp.logprob for o in outputs for lp in o.logprobs or []]
-                return [t for o in outputs for t in o.token_ids], logprobs
-            finally:
-                await engine.stop()
-
-        return run(main())
-
-    eager, tuned = ask(), ask(compile_decode=True, compile_autotune=True)
+    eager = _greedy(tiny_loaded, tiny_editor, edit, 5, paths)
+    tuned = _greedy(tiny_loaded, tiny_editor, edit, 5, paths, compile_decode=True, compile_autotune=True)
     assert modes == ["max-autotune-no-cudagraphs"] and paths == ["compiled"] * 4
     assert tuned[0] == eager[0] and len(eager[0]) == 5
     assert tuned[1] == pytest.approx(eager[1], abs=1e-4)
