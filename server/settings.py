@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hpr.model import EMBEDDED_MODEL_ID
+from server.engine.types import DEFAULT_PREFILL_CHUNK, MAX_GRAPHS
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 StrList = Annotated[list[str], NoDecode]
@@ -68,7 +69,7 @@ class ServerSettings(BaseSettings):
         "activations and edits keep the dtype. Faster at batch 1 on CPU (docs/benchmarks.md).",
     )
     prefill_chunk: int = Field(
-        default=256,
+        default=DEFAULT_PREFILL_CHUNK,
         ge=0,
         description="Prompt tokens per prefill forward (summed over requests prefilled together); a longer prefill "
         "runs in chunks between decode steps, so running streams keep a bounded inter-token latency. 0: whole "
@@ -95,7 +96,7 @@ class ServerSettings(BaseSettings):
         "there): off by default (docs/benchmarks.md).",
     )
     compile_max_graphs: int = Field(
-        default=4,
+        default=MAX_GRAPHS,
         ge=1,
         description="With --compile-decode: graphs compiled at most (one per set of edited layers and adapters, with "
         "edit statistics or not, one row or more); steps that would need another run eagerly. On a CPU each graph "

@@ -39,12 +39,11 @@ from hpr.editing import EditPlan
 from hpr.registry import AdapterRegistry
 from server.engine.kv_cache import BatchKVCache
 from server.engine.mixed import can_mix
+from server.engine.types import MAX_GRAPHS
 
 # Recompiles dynamo allows the step; past it dynamo runs the step eagerly, which is still correct. The engine's
 # own bound (max_graphs) is lower: this only guards against a guard failing where none was expected.
 RECOMPILE_LIMIT = 32
-# Graphs compiled at most by default (each holds a packed copy of the weights on a CPU: see the module docstring).
-MAX_GRAPHS = 4
 AUTOTUNE_MODE = "max-autotune-no-cudagraphs"  # CUDA graphs would need bucketed batch sizes (module docstring)
 
 

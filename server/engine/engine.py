@@ -39,11 +39,12 @@ from hpr.editing import HPREditor
 from hpr.model import LoadedModel
 from hpr.registry import AdapterRegistry
 from server.engine.batch import Batch, EngineEvent, RequestState
-from server.engine.compiled import MAX_GRAPHS
 from server.engine.output import OutputBuilder
 from server.engine.runner import ModelRunner, PrefillJob, StepOutcome
 from server.engine.sampling import new_generator
 from server.engine.types import (
+    DEFAULT_PREFILL_CHUNK,
+    MAX_GRAPHS,
     EngineObserver,
     EngineStoppedError,
     GenerationOutput,
@@ -105,7 +106,7 @@ class Engine:
         max_prefill_tokens: int = 4096,
         observer: EngineObserver | None = None,
         gather_window: float = 0.01,
-        prefill_chunk: int | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         mixed_prefill: bool = True,
         max_step_tokens: int | None = None,
         compile_decode: bool = False,

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from hpr.editing import EditPlan, HPREditor
 from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState, mixed_edit_plan
-from server.engine.compiled import MAX_GRAPHS, CompiledDecoder
+from server.engine.compiled import CompiledDecoder
 from server.engine.kv_cache import BatchKVCache
 from server.engine.mixed import MixedCache, can_mix, mixed_attention_for
 from server.engine.sampling import SamplingState, process_logits, sample
-from server.engine.types import FinishReason
+from server.engine.types import MAX_GRAPHS, FinishReason
 
 log = logging.getLogger(__name__)
 

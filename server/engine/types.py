@@ -19,6 +19,10 @@ from hpr.edit_spec import EditSpec
 from hpr.edit_stats import EditStats
 from hpr.model import LoadedModel
 
+# Defaults shared by the engine and the server's settings (server/settings.py reads them from here).
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill forward (chunked prefill)
+MAX_GRAPHS = 4  # compiled decode graphs at most (each holds a packed copy of the weights on a CPU)
+
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
