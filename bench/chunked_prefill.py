@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, default=None, help="edit every request with this checkpoint's default")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="ABBA cycles")
+    parser.add_argument(
+        "--compile-decode", action="store_true", help="decode steps through the compiled step (mixed steps stay eager)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32")
@@ -154,18 +157,25 @@ def main() -> None:
     for setting in settings:
         parse_setting(setting)
     engine = Engine(
-        loaded, editor.registry, max_batch_size=args.streams + args.newcomers, max_prefill_tokens=1 << 20
+        loaded,
+        editor.registry,
+        max_batch_size=args.streams + args.newcomers,
+        max_prefill_tokens=1 << 20,
+        compile_decode=args.compile_decode,
     )  # fmt: skip
     # the checkpoint's defaults, every token edited (as the recorded figures; the edit_tokens default came later)
     edit = engine.editor.resolve("a", tokens="all") if args.adapter else None
     order = [s for _ in range(args.rounds) for s in (settings + settings[::-1])]
     results: dict[str, list[dict[str, float]]] = {s: [] for s in settings}
     print(f"{args.streams} streams, {args.newcomers} newcomers × {args.prompt_len} tokens, order {order}, "
-          f"edit {'none' if edit is None else edit}; load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+          f"edit {'none' if edit is None else edit}, compiled decode {args.compile_decode}; "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
 
     async def run_all() -> None:
         engine.start()
         try:
+            if args.compile_decode:  # compile the decode graph before anything is timed
+                await control_gaps(engine, args, edit, -1, [[1, 2]] * args.streams)
             for i, setting in enumerate(order):
                 engine.mixed_prefill, engine.prefill_chunk, engine.max_step_tokens = parse_setting(setting)
                 r = await one_round(engine, args, edit, i)
