@@ -92,8 +92,9 @@ class ServerSettings(BaseSettings):
         default=False,
         description="Decode through one torch.compile'd graph with a static-shaped KV cache and the edits inline "
         "(Llama-type models with SDPA attention). 1.15-1.36x the eager decode at batch 1 and 1.85x at 32 rows of "
-        "64-token requests on the development CPU (no faster at 32 rows of ~600-token streams), but every stream waits while a new batch shape or edit set compiles (a minute or more "
-        "there): off by default (docs/benchmarks.md).",
+        "64-token requests on the development CPU (no faster at 32 rows of ~600-token streams), but every stream "
+        "waits while a new batch shape or edit set compiles (a minute or more there): off by default "
+        "(docs/benchmarks.md).",
     )
     compile_max_graphs: int = Field(
         default=MAX_GRAPHS,
