@@ -126,15 +126,12 @@ def answer_rows(
             true_refs, false_refs = M.references(*refs[questions[i].index])
         for c, name in enumerate(names):
             a = answers[(name, i)]
-            rep4 = M.repeated_4gram_share(a.text)
             entry: dict[str, Any] = {
                 "text": a.text,
                 "finish_reason": a.finish_reason,
                 "completion_tokens": a.completion_tokens,
                 "perplexity": ppl[i][c],
-                "rep4": rep4,
-                "non_answer": M.is_non_answer(a.text),
-                "degenerate": M.is_degenerate(ppl[i][c], rep4, limits[qset]),
+                **text_judgements(a.text, ppl[i][c], limits[qset]),
             }
             if is_tqa:
                 entry.update(asdict(M.truthfulness(a.text, true_refs, false_refs)))
@@ -144,6 +141,17 @@ def answer_rows(
             row["answers"][name] = entry
         rows.append(row)
     return rows
+
+
+def text_judgements(text: str, perplexity: float, perplexity_limit: float) -> dict[str, Any]:
+    """An answer's share of repeated 4-grams, and whether it is a non-answer or degenerate (``perplexity_limit``:
+    the base's 95th percentile on the same question set)."""
+    rep4 = M.repeated_4gram_share(text)
+    return {
+        "rep4": rep4,
+        "non_answer": M.is_non_answer(text),
+        "degenerate": M.is_degenerate(perplexity, rep4, perplexity_limit),
+    }
 
 
 def rejudge(names: Sequence[str], rows: Sequence[dict[str, Any]]) -> int:
@@ -163,12 +171,7 @@ def rejudge(names: Sequence[str], rows: Sequence[dict[str, Any]]) -> int:
     for row in rows:
         for name in names:
             entry = row["answers"][name]
-            rep4 = M.repeated_4gram_share(entry["text"])
-            judged = {
-                "rep4": rep4,
-                "non_answer": M.is_non_answer(entry["text"]),
-                "degenerate": M.is_degenerate(ppl(entry), rep4, limits[row["set"]]),
-            }
+            judged = text_judgements(entry["text"], ppl(entry), limits[row["set"]])
             changed += any(entry.get(k) != v for k, v in judged.items())
             entry.update(judged)
             entry["perplexity"] = ppl(entry)
