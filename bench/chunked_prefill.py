@@ -51,6 +51,11 @@ def parse_setting(setting: str) -> tuple[bool, int | None, int | None]:
     return bool(match[1]), int(match[2]) or None, int(match[3]) if match[3] else None
 
 
+def story_prompt(engine: Engine, round_no: int) -> list[int]:
+    """The running streams' prompt in a round, and in its control run (the same length, so the same positions)."""
+    return list(engine.tokenizer.encode(f"Story number {round_no}: once upon a time"))
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -59,7 +64,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def one_round(engine: Engine, args: argparse.Namespace, edit: object, round_no: int) -> dict[str, float]:
     tokenizer = engine.tokenizer
     words = tokenizer.encode(" the sea and the wind" * args.prompt_len)
-    short = tokenizer.encode(f"Story number {round_no}: once upon a time")
+    short = story_prompt(engine, round_no)
     stamps: list[list[float]] = [[] for _ in range(args.streams)]
     arrived = asyncio.Event()
     first_tokens: list[float] = []
@@ -115,7 +120,7 @@ async def control_gaps(
 ) -> list[float]:
     """The same streams again with no newcomers: their gaps at the token indices of the arrival window. The
     streams' own attention grows with their length, so this is "without arrivals" at the same lengths."""
-    short = engine.tokenizer.encode(f"Story number {round_no}: once upon a time")
+    short = story_prompt(engine, round_no)
     need = max(max(w, default=0) for w in windows) + 1
 
     async def stream(i: int) -> list[float]:
@@ -162,7 +167,7 @@ def main() -> None:
         max_batch_size=args.streams + args.newcomers,
         max_prefill_tokens=1 << 20,
         compile_decode=args.compile_decode,
-    )  # fmt: skip
+    )
     # the checkpoint's defaults, every token edited (as the recorded figures; the edit_tokens default came later)
     edit = engine.editor.resolve("a", tokens="all") if args.adapter else None
     order = [s for _ in range(args.rounds) for s in (settings + settings[::-1])]
