@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -36,6 +37,7 @@ from server.serving.admission import Admission
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineLike(Protocol):
@@ -143,6 +145,33 @@ class Runtime:
         return running
 
 
+async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a new thread that ends when it returns (``asyncio.to_thread`` would keep the thread).
+
+    For blocking work that runs torch ops outside the engine thread (loading the model and adapters). Every thread
+    that runs a parallel torch op gets its own OpenMP (libgomp) team, kept as long as the thread lives. When a
+    process holds more OpenMP threads than the machine has cores, libgomp stops spinning between parallel regions
+    and puts its threads to sleep, and each of the step's hundreds of regions pays a wake-up: a loader thread left
+    alive made every later decode step of the engine ~1.7x slower on the 2-core development machine at 2 threads
+    (docs/benchmarks.md). A thread that ends releases its team."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, result)
+
+    thread = threading.Thread(target=work, name=f"hpr-load-{getattr(fn, '__name__', 'work')}", daemon=True)
+    thread.start()
+    await asyncio.wait({done})  # a cancelled caller returns at once; the thread finishes its work and ends
+    await asyncio.to_thread(thread.join)  # ended: its OpenMP team is released before the engine starts
+    return done.result()
+
+
 def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Runtime:
     """Load the base model (through the factory) and every ``--adapter`` (blocking; run it in a thread)."""
     started = time.monotonic()
@@ -172,7 +201,7 @@ def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Ru
 async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
     state = app.state
     try:
-        runtime = await asyncio.to_thread(build_runtime, state.settings, engine_factory)
+        runtime = await in_own_thread(build_runtime, state.settings, engine_factory)
         metrics: ServerMetrics = state.metrics
         runtime.engine.start()  # on the event loop thread: the engine may bind to the running loop
         if state.settings.compile_decode and state.settings.compile_warmup:

@@ -7,12 +7,11 @@ once and leaves the memory to the registry, which drops the adapter when its las
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from server.errors import APIError
 from server.protocol import AdapterDeleted, AdapterLoadRequest, ModelCard
-from server.runtime import Runtime
+from server.runtime import Runtime, in_own_thread
 from server.serving.models import get_model
 
 
@@ -34,7 +33,7 @@ def path_inside_root(root: Path, path: str) -> Path:
 async def load_adapter(runtime: Runtime, root: Path, body: AdapterLoadRequest) -> ModelCard:
     """Load, validate and route the adapter; its card as ``/v1/models/{name}`` shows it."""
     path = path_inside_root(root, body.path)
-    await asyncio.to_thread(runtime.load_adapter, body.name, path)
+    await in_own_thread(runtime.load_adapter, body.name, path)  # not to_thread: see in_own_thread
     return get_model(runtime, body.name)
 
 

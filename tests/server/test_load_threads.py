@@ -1,0 +1,93 @@
+"""Loading the model and adapters runs on a thread that ends with the load (``server.runtime.in_own_thread``).
+
+Why it matters: a thread that has run a parallel torch op keeps an OpenMP team while it lives, and with more OpenMP
+threads than cores libgomp sleeps between parallel regions, which made every engine step ~1.7x slower at 2 threads
+(docs/benchmarks.md). ``asyncio.to_thread`` keeps its worker alive; these tests fail with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hpr.registry import AdapterRegistry
+from server.runtime import Runtime, in_own_thread
+from server.settings import ServerSettings
+from tests.conftest import make_random_adapter
+from tests.server.fake_engine import FakeEngine
+from tests.server.live_server import run_server
+from tests.server.test_adapters_api import ADMIN_HEADERS, admin_settings
+
+
+def test_in_own_thread_returns_and_raises_from_a_thread_that_has_ended() -> None:
+    seen: list[threading.Thread] = []
+
+    def work(x: int) -> int:
+        seen.append(threading.current_thread())
+        if x < 0:
+            raise ValueError("negative")
+        return 2 * x
+
+    async def main() -> tuple[int, str]:
+        value = await in_own_thread(work, 21)
+        with pytest.raises(ValueError, match="negative") as raised:
+            await in_own_thread(work, -1)
+        return value, str(raised.value)
+
+    assert asyncio.run(main()) == (42, "negative")
+    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert all(t is not threading.main_thread() and not t.is_alive() for t in seen)
+
+
+def test_in_own_thread_cancelled_returns_at_once_and_the_work_finishes() -> None:
+    release, finished = threading.Event(), threading.Event()
+
+    def work() -> None:
+        release.wait(10)
+        finished.set()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(in_own_thread(work))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not finished.is_set()  # the caller did not wait for the work
+        release.set()
+        assert await asyncio.to_thread(finished.wait, 10)
+
+    asyncio.run(main())
+
+
+def test_startup_and_adapter_loads_run_on_threads_that_have_ended(
+    tiny_settings: ServerSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: dict[str, list[threading.Thread]] = {"factory": [], "load_adapter": []}
+
+    def factory(settings: ServerSettings, registry: AdapterRegistry) -> FakeEngine:
+        threads["factory"].append(threading.current_thread())
+        return FakeEngine(settings, registry)
+
+    original = Runtime.load_adapter
+
+    def load_adapter(self: Runtime, name: str, path: Any) -> Any:
+        threads["load_adapter"].append(threading.current_thread())
+        return original(self, name, path)
+
+    monkeypatch.setattr(Runtime, "load_adapter", load_adapter)
+    make_random_adapter(seed=3).save(tmp_path / "extra")
+    with run_server(admin_settings(tiny_settings, tmp_path), factory) as live:
+        response = httpx.post(
+            live.api_base + "/adapters", json={"name": "extra", "path": "extra"}, headers=ADMIN_HEADERS, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        # the startup's adapter (--adapter tiny) and the one loaded at run time
+        assert len(threads["factory"]) == 1 and len(threads["load_adapter"]) == 2
+        loaders = threads["factory"] + threads["load_adapter"]
+        assert not any(t.is_alive() for t in loaders), [t.name for t in loaders if t.is_alive()]
+        assert all(t.name.startswith("hpr-load-") for t in loaders)
