@@ -18,6 +18,12 @@ Decode tok/s = (tokens − 1) / (time of the last token − time of the first), 
     .venv/bin/python bench/batch1.py [--tokens 64] [--rounds 2] [--threads 1] [--adapter DIR] [--quantization int8]
                                      [--compiled [--autotune]]
 
+With ``--isolate`` every side runs alone in a process of its own (started afresh for each sample, in ABBA order;
+the compiled side reads inductor's cache after its first compile): needed above one thread, where sides sharing
+a process slow each other (each thread that runs torch ops keeps an OpenMP team, and with more OpenMP threads than
+cores libgomp sleeps between parallel regions). Sides: bound, HF generate, engine, and with ``--compiled`` engine
+(compiled); no HTTP sides (the servers are processes of their own already: ``bench/http_overhead.py``).
+
 With ``--quantization int8`` every side runs int8 weights; the bound is still the fp32 one. With ``--quantization
 both`` an int8 engine runs beside the fp32 sides (and, with ``--compiled``, a compiled int8 engine too).
 """
@@ -30,7 +36,9 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +147,78 @@ async def http_stream(root_url: str, ids: list[int], n: int, adapter: str | None
     return (n - 1) / (stamps[-1] - stamps[0])
 
 
+ISOLATED_SIDES = ("bound (weights-GEMV)", "HF generate", "engine")
+
+
+def one_side(args: argparse.Namespace) -> None:
+    """One sample of one side in this process (``--side``), printed as the last line. Loading runs on a thread that
+    ends before the timing (as in hpr-serve), so the only OpenMP team alive is the timed thread's."""
+    held: dict[str, object] = {}
+
+    def load() -> None:
+        loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32")
+        adapters = {}
+        if args.adapter.exists():
+            adapters["a"] = HPRAdapter.load(args.adapter, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
+        held.update(loaded=loaded, editor=HPREditor(loaded.model, adapters))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    loader.join()
+    loaded, editor = held["loaded"], held["editor"]
+    assert isinstance(loaded, LoadedModel) and isinstance(editor, HPREditor)
+    ids = list(loaded.tokenizer(PROMPT)["input_ids"])
+    if args.side == "bound (weights-GEMV)":
+        rate = bound_gemv(weight_matrices(loaded.model))
+    elif args.side == "HF generate":
+        hf_generate(loaded, ids, 8)  # warm-up
+        rate = hf_generate(loaded, ids, args.tokens)
+    else:
+        compiled = args.side == "engine (compiled)"
+        engine = Engine(loaded, editor.registry, compile_decode=compiled, compile_autotune=compiled and args.autotune)
+        edit = editor.resolve("a") if "a" in editor.registry.names() else None
+        loop = asyncio.new_event_loop()
+        engine.start()
+        try:
+            loop.run_until_complete(engine_generate(engine, ids, args.tokens, edit, "warm-up"))
+            rate = loop.run_until_complete(engine_generate(engine, ids, args.tokens, edit, "timed"))
+        finally:
+            loop.run_until_complete(engine.stop(drain_timeout=10))
+    print(json.dumps({"side": args.side, "rate": rate}))
+
+
+def isolated(args: argparse.Namespace) -> None:
+    """Every side alone in a fresh process per sample, ABBA (``--isolate``)."""
+    names = [*ISOLATED_SIDES, *(["engine (compiled)"] if args.compiled else [])]
+    common = ["--threads", str(args.threads), "--tokens", str(args.tokens), "--adapter", str(args.adapter)]
+    if args.autotune:
+        common.append("--autotune")
+
+    def sample(name: str) -> float:
+        out = subprocess.run(
+            [sys.executable, __file__, "--side", name, *common], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return float(json.loads(out.splitlines()[-1])["rate"])
+
+    print(f"SmolLM2 fp32, {args.threads} thread(s), {args.tokens} tokens, each side alone in its own process; "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    if args.compiled:
+        sample("engine (compiled)")  # the first compile fills inductor's cache; not counted
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names + names[::-1]:
+            results[name].append(sample(name))
+            print(f"  {name}: {results[name][-1]:.1f}", flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print("what | decode tok/s (median; runs)")
+    for name, values in results.items():
+        print(f"{name} | {med[name]:.1f}; {', '.join(f'{v:.1f}' for v in values)}")
+    for name in names[2:]:
+        print(f"{name} / HF generate: {med[name] / med['HF generate']:.2f}× (target ≥ 1.6); "
+              f"/ bound (weights-GEMV): {med[name] / med['bound (weights-GEMV)']:.0%} (target ≥ 85 %)")  # fmt: skip
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -157,8 +237,14 @@ def main() -> None:
     parser.add_argument(
         "--autotune", action="store_true", help="the compiled sides compile with --compile-autotune (max-autotune)"
     )
+    parser.add_argument("--isolate", action="store_true", help="each side alone in a process of its own (see above)")
+    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)  # one isolated sample: print it and exit
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.isolate:
+        return isolated(args)
+    if args.side is not None:
+        return one_side(args)
     main_quant = "none" if args.quantization == "both" else args.quantization
     loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32", quantization=main_quant)
     ids = list(loaded.tokenizer(PROMPT)["input_ids"])
