@@ -242,6 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.isolate:
+        if args.quantization != "none":
+            parser.error("--isolate measures fp32 only; --quantization runs without it")
         return isolated(args)
     if args.side is not None:
         return one_side(args)

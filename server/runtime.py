@@ -173,7 +173,8 @@ async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Runtime:
-    """Load the base model (through the factory) and every ``--adapter`` (blocking; run it in a thread)."""
+    """Load the base model (through the factory) and every ``--adapter``; blocking: run it with :func:`in_own_thread`
+    (it runs torch ops)."""
     started = time.monotonic()
     registry = AdapterRegistry()
     engine = engine_factory(settings, registry)
