@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -72,7 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.folds < 2:
         raise SystemExit("--folds must be ≥ 2")
-    data_dir = args.data_dir or Path(os.environ.get("HPR_TRUTHFULQA_DIR", ROOT.parent / "shared/data/truthfulqa"))
+    data_dir = args.data_dir or D.default_data_dir()
+    if data_dir is None:
+        raise SystemExit("no TruthfulQA directory: pass --data-dir or set HPR_TRUTHFULQA_DIR")
     questions = D.load_truthfulqa(data_dir)
     seed_splits = D.load_splits(data_dir / D.SPLITS_FILE, len(questions))
     out = args.out if args.out.is_absolute() else ROOT / args.out
