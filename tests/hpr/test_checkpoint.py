@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter, save_seed_format
+from hpr.checkpoint import CONFIG_NAME, WEIGHTS_NAME, HPRAdapter
 from hpr.errors import CheckpointError
+from hpr.seed_format import save_seed_format
 from tests.conftest import make_random_adapter, make_steering_adapter
 
 

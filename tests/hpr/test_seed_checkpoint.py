@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hpr.checkpoint import SEED_CONFIG_NAME, SEED_PROBE_RESULTS_NAME, HPRAdapter, save_seed_format
+from hpr.checkpoint import SEED_CONFIG_NAME, SEED_PROBE_RESULTS_NAME, HPRAdapter
 from hpr.editing import EditPlan, HPREditor
 from hpr.errors import CheckpointError
+from hpr.seed_format import save_seed_format
 from tests.conftest import make_random_adapter, make_tiny_llama, require_shared_fixture
 
 TRAINED = [1, 2, 4, 5]
