@@ -14,7 +14,16 @@ Then it pools every fold's answers, judges them again with one perplexity thresh
 base's 95th percentile), and prints the pooled differences with paired-bootstrap 95 % CIs (``OUT/pooled/``, the
 same files as an ``eval-gen`` run). Each fold's finished run is kept and skipped when the bench runs again.
 
+``--sweep NAME --config SPEC …`` judges other configurations of the same recipe instead (``eval-gen``'s
+``--config`` syntax without the adapter: ``NAME=[layers=L][:alpha=A][:scope=S][:tokens=N]``, unset fields at the
+fold adapter's defaults): each fold's adapter is trained once, as above; the sweep's answers go to
+``OUT/foldK/NAME/`` and ``OUT/pooled-NAME/``, with the docs' rule applied to the pooled results.
+``--random-probe SEED`` makes such a sweep a null control: each fold's adapter with every layer's probe direction
+``w`` replaced by a random one of the same norm (angle MLPs kept), so the edit is as large but points nowhere
+learned. Each configuration's row also gives the share of answers whose text differs from the base's.
+
     .venv/bin/python bench/crossval_gen.py [--out runs/crossval] [--folds 3] [--seed 0]
+    .venv/bin/python bench/crossval_gen.py --sweep s1 --config a025t4=alpha=0.25:tokens=4 --config …
 """
 
 from __future__ import annotations
@@ -30,11 +39,27 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+import torch
+
+from hpr.checkpoint import HPRAdapter
+from hpr.householder import HPRLayer
 from trainer import data as D
-from trainer.gen_report import ANSWERS_FILE, BASE, DEFAULT_BOOTSTRAP, SUMMARY_FILE, rejudge, summarise, write_run
+from trainer.errors import TrainerError
+from trainer.eval_gen import parse_config
+from trainer.gen_report import (
+    ANSWERS_FILE,
+    BASE,
+    DEFAULT_BOOTSTRAP,
+    SUMMARY_FILE,
+    choose,
+    rejudge,
+    summarise,
+    write_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = "served"
+ADAPTER = "fold"  # the fold's adapter, as a sweep's configurations name it
 METRICS = ("bleu_acc", "rougeL_acc", "chat_mc1", "chat_mc2")
 
 
@@ -56,6 +81,41 @@ def fold_splits(seed_splits: dict[str, list[int]], folds: int, seed: int) -> lis
     return [{"train": rest[k], "eval": seed_splits["eval"], "test": part} for k, part in enumerate(parts)]
 
 
+def sweep_spec(text: str) -> str:
+    """``NAME=FIELDS`` as an eval-gen ``--config`` of the fold's adapter; a clear error when it does not parse."""
+    name, _, fields = text.partition("=")
+    if not name.isidentifier() or "=" not in fields:
+        raise SystemExit(f"--config {text!r}: expected NAME=FIELDS, e.g. a025t4=alpha=0.25:tokens=4")
+    spec = f"{name}={ADAPTER}:{fields}"
+    try:
+        parse_config(spec)
+    except TrainerError as exc:
+        raise SystemExit(f"--config {text!r}: {exc}") from exc
+    return spec
+
+
+def random_probe_copy(checkpoint: Path, out: Path, seed: int) -> Path:
+    """``checkpoint`` with every layer's probe direction replaced by a seeded random one of the same norm."""
+    adapter = HPRAdapter.load(checkpoint)
+    for layer in adapter.layers:
+        module = adapter.layer(layer)
+        if not isinstance(module, HPRLayer):
+            raise SystemExit(f"--random-probe: {checkpoint} is not an HPR adapter")
+        # Not torch's stream for a small seed: the trainer seeds torch with the run's seed (0), and a probe keeps
+        # part of its initial weights (cosine ≈ −0.2 with randn from seed 0), so that "random" direction is not.
+        generator = torch.Generator().manual_seed(random.Random(f"null-probe {seed} {layer}").getrandbits(63))
+        weight = module.probe.weight
+        direction = torch.randn(tuple(weight.shape), generator=generator)
+        weight.copy_(direction * weight.norm() / direction.norm())
+    adapter.config.training = {**adapter.config.training, "null_control": f"probe directions random (seed {seed})"}
+    return adapter.save(out)
+
+
+def changed(rows: list[dict[str, Any]], name: str) -> float:
+    """The share of questions whose answer under ``name`` differs from the base's."""
+    return sum(bool(r["answers"][name]["text"] != r["answers"][BASE]["text"]) for r in rows) / len(rows)
+
+
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -68,9 +128,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="shuffle of the train questions into folds [0]")
     parser.add_argument("--data-dir", type=Path, default=None, help="TruthfulQA directory [hpr-train's default]")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
+    parser.add_argument("--sweep", default=None, help="judge --config configurations under this name instead")
+    parser.add_argument(
+        "--random-probe", type=int, default=None, metavar="SEED",
+        help="with --sweep: the fold adapters' probe directions replaced by random ones of the same norm",
+    )  # fmt: skip
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="NAME=[layers=L][:alpha=A][:scope=S][:tokens=N]",
+        help="with --sweep: a configuration of the fold's adapter; repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.folds < 2:
         raise SystemExit("--folds must be ≥ 2")
+    if bool(args.sweep) != bool(args.config):
+        raise SystemExit("--sweep and --config go together")
+    if args.random_probe is not None and not args.sweep:
+        raise SystemExit("--random-probe needs --sweep")
+    specs = [sweep_spec(text) for text in args.config]
+    names = [BASE, *(spec.partition("=")[0] for spec in specs)] if specs else [BASE, SERVED]
+    if len(set(names)) != len(names) or (args.sweep and not args.sweep.isidentifier()):
+        raise SystemExit("--sweep must be a plain name and each --config NAME distinct (and not 'base')")
     data_dir = args.data_dir or D.default_data_dir()
     if data_dir is None:
         raise SystemExit("no TruthfulQA directory: pass --data-dir or set HPR_TRUTHFULQA_DIR")
@@ -99,37 +176,53 @@ def main() -> None:
                 str(bin_dir / "hpr-train"), "eval-gen", "--out", str(fold), "--data-dir", str(data_dir), "--split",
                 "test", "--config", f"{SERVED}={fold.name}", "--no-chat-questions", "--no-progress",
             ])  # fmt: skip
+        answers = fold
+        if args.sweep:
+            answers = fold / args.sweep
+            answers.mkdir(exist_ok=True)
+            (answers / "data.json").write_text((fold / "data.json").read_text())  # the fold's split
+            checkpoint = fold / "checkpoint"
+            if args.random_probe is not None:
+                checkpoint = random_probe_copy(checkpoint, answers / "checkpoint-random", args.random_probe)
+            if not (answers / SUMMARY_FILE).is_file():
+                run([
+                    str(bin_dir / "hpr-train"), "eval-gen", "--out", str(answers), "--data-dir", str(data_dir),
+                    "--split", "test", "--adapter", f"{ADAPTER}={checkpoint}",
+                    *(a for spec in specs for a in ("--config", spec)), "--no-chat-questions", "--no-progress",
+                ])  # fmt: skip
         layers = json.loads((fold / "checkpoint" / "hpr_config.json").read_text()).get("selected_layers")
-        fold_rows = [json.loads(line) for line in (fold / ANSWERS_FILE).read_text().splitlines() if line.strip()]
+        fold_rows = [json.loads(line) for line in (answers / ANSWERS_FILE).read_text().splitlines() if line.strip()]
         print(f"fold {k}: {len(split['test'])} questions, layers {layers}", flush=True)
         rows.extend(fold_rows)
-    rejudge([BASE, SERVED], rows)  # one degenerate threshold: the pooled base's 95th percentile of perplexity
-    results = summarise([BASE, SERVED], rows, args.bootstrap, args.seed)
+    rejudge(names, rows)  # one degenerate threshold: the pooled base's 95th percentile of perplexity
+    results = summarise(names, rows, args.bootstrap, args.seed)
+    edits: dict[str, Any] = {s.partition("=")[0]: s.partition("=")[2] for s in specs} or {SERVED: settings}
+    configs = {BASE: {}, **edits}
     report = {
         "crossval": {"folds": args.folds, "seed": args.seed, "settings": settings, "questions": len(rows)},
-        "configs": {BASE: {}, SERVED: settings},
+        "configs": configs,
         "results": results,
+        "rule": choose(results),
         "bootstrap": {"samples": args.bootstrap, "seed": args.seed},
     }
-    write_run(out / "pooled", report, rows)
-    served, base = results[SERVED]["truthfulqa"], results[BASE]["truthfulqa"]
+    write_run(out / (f"pooled-{args.sweep}" if args.sweep else "pooled"), report, rows)
+    base = results[BASE]["truthfulqa"]
     print(f"\npooled over {len(rows)} train questions (held out by fold), {time.perf_counter() - started:.0f} s")
-    print("metric | base | served | Δ (points) | 95 % CI")
-    for metric in METRICS:
-        if metric in served:
-            d = served[metric]
-            lo, hi = d["delta_ci95"]
-            print(
-                f"{metric} | {100 * base[metric]['value']:.1f} | {100 * d['value']:.1f} | {100 * d['delta']:+.1f} | "
-                f"{100 * lo:+.1f} … {100 * hi:+.1f}"
-            )
-    fluency = served["fluency"]
-    print(f"median perplexity ×{fluency['perplexity_ratio']:.2f} the base's")
-    for key in ("degenerate", "non_answer", "rep4"):
-        lo, hi = fluency[key]["delta_ci95"]
-        share, delta = 100 * fluency[key]["value"], 100 * fluency[key]["delta"]
-        print(f"{key}: {share:.1f} % ({delta:+.1f}; {100 * lo:+.1f} … {100 * hi:+.1f})")
-    print("guard holds:", results[SERVED]["guard"]["holds"])
+    print("base: " + ", ".join(f"{m} {100 * base[m]['value']:.1f}" for m in METRICS if m in base))
+    head = " | ".join(f"Δ {m} (95 % CI)" for m in METRICS)
+    print(f"config | {head} | ppl × base | Δ degenerate | guard | answers changed")
+    for name in names[1:]:
+        t = results[name]["truthfulqa"]
+        cells = []
+        for metric in METRICS:
+            lo, hi = t[metric]["delta_ci95"] if metric in t else (float("nan"), float("nan"))
+            cells.append(f"{100 * t[metric]['delta']:+.1f} ({100 * lo:+.1f} … {100 * hi:+.1f})" if metric in t else "—")
+        fluency, holds = t["fluency"], results[name]["guard"]["holds"]
+        print(
+            f"{name} | " + " | ".join(cells) + f" | {fluency['perplexity_ratio']:.2f} | "
+            f"{100 * fluency['degenerate']['delta']:+.1f} | {'holds' if holds else 'fails'} | {changed(rows, name):.0%}"
+        )
+    print("rule:", json.dumps(report["rule"]))
 
 
 if __name__ == "__main__":
