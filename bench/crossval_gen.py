@@ -111,6 +111,32 @@ def random_probe_copy(checkpoint: Path, out: Path, seed: int) -> Path:
     return adapter.save(out)
 
 
+def served_run_matches(fold: Path, settings: dict[str, str]) -> bool:
+    """Whether the fold's stored answers are the served default's at ``settings`` (else they are judged again)."""
+    try:
+        applied = json.loads((fold / SUMMARY_FILE).read_text())["configs"][SERVED]["applied"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    tokens = settings["EDIT_TOKENS"]
+    return bool(
+        applied["alpha"] == float(settings["ALPHA"])
+        and applied["scope"] == settings["SCOPE"]
+        and str(applied.get("edit_tokens", "all")) == tokens
+    )
+
+
+def pooled_configs(names: list[str], fold_configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each configuration as the folds applied it, its layers one list per fold (the probe picks them per fold)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        applied = [c[name]["applied"] for c in fold_configs]
+        if applied[0] is None:  # the base
+            out[name] = {"applied": None}
+            continue
+        out[name] = {"applied": {**applied[0], "layers": [a["layers"] for a in applied]}}
+    return out
+
+
 def changed(rows: list[dict[str, Any]], name: str) -> float:
     """The share of questions whose answer under ``name`` differs from the base's."""
     return sum(bool(r["answers"][name]["text"] != r["answers"][BASE]["text"]) for r in rows) / len(rows)
@@ -159,19 +185,21 @@ def main() -> None:
     settings = {k: makefile_default(k) for k in ("FORMAT", "ALPHA", "SCOPE", "EDIT_TOKENS")}
     print(f"served default {settings}; {len(seed_splits['train'])} train questions in {args.folds} folds", flush=True)
     rows: list[dict[str, Any]] = []
+    fold_configs: list[dict[str, Any]] = []
     started = time.perf_counter()
     for k, split in enumerate(fold_splits(seed_splits, args.folds, args.seed)):
         fold = out / f"fold{k}"
         fold.mkdir(exist_ok=True)
         splits_file = fold / "splits.json"
         splits_file.write_text(json.dumps(split))
-        if not (fold / SUMMARY_FILE).is_file():
-            data = ["--data-dir", str(data_dir), "--splits-file", str(splits_file)]
-            run([
-                str(bin_dir / "hpr-train"), "run", "--out", str(fold), *data, "--format", settings["FORMAT"],
-                "--alpha", settings["ALPHA"], "--scope", settings["SCOPE"], "--edit-tokens", settings["EDIT_TOKENS"],
-                "--skip-eval", "--no-progress",
-            ])  # fmt: skip
+        data = ["--data-dir", str(data_dir), "--splits-file", str(splits_file)]
+        # Resumes: trains once, later runs only record the settings as the checkpoint's defaults.
+        run([
+            str(bin_dir / "hpr-train"), "run", "--out", str(fold), *data, "--format", settings["FORMAT"],
+            "--alpha", settings["ALPHA"], "--scope", settings["SCOPE"], "--edit-tokens", settings["EDIT_TOKENS"],
+            "--skip-eval", "--no-progress",
+        ])  # fmt: skip
+        if not args.sweep and not served_run_matches(fold, settings):
             run([
                 str(bin_dir / "hpr-train"), "eval-gen", "--out", str(fold), "--data-dir", str(data_dir), "--split",
                 "test", "--config", f"{SERVED}={fold.name}", "--no-chat-questions", "--no-progress",
@@ -183,7 +211,9 @@ def main() -> None:
             (answers / "data.json").write_text((fold / "data.json").read_text())  # the fold's split
             checkpoint = fold / "checkpoint"
             if args.random_probe is not None:
-                checkpoint = random_probe_copy(checkpoint, answers / "checkpoint-random", args.random_probe)
+                checkpoint = answers / "checkpoint-random"
+                if not checkpoint.is_dir():
+                    random_probe_copy(fold / "checkpoint", checkpoint, args.random_probe)
             if not (answers / SUMMARY_FILE).is_file():
                 run([
                     str(bin_dir / "hpr-train"), "eval-gen", "--out", str(answers), "--data-dir", str(data_dir),
@@ -191,13 +221,13 @@ def main() -> None:
                     *(a for spec in specs for a in ("--config", spec)), "--no-chat-questions", "--no-progress",
                 ])  # fmt: skip
         layers = json.loads((fold / "checkpoint" / "hpr_config.json").read_text()).get("selected_layers")
+        fold_configs.append(json.loads((answers / SUMMARY_FILE).read_text())["configs"])
         fold_rows = [json.loads(line) for line in (answers / ANSWERS_FILE).read_text().splitlines() if line.strip()]
         print(f"fold {k}: {len(split['test'])} questions, layers {layers}", flush=True)
         rows.extend(fold_rows)
     rejudge(names, rows)  # one degenerate threshold: the pooled base's 95th percentile of perplexity
     results = summarise(names, rows, args.bootstrap, args.seed)
-    edits: dict[str, Any] = {s.partition("=")[0]: s.partition("=")[2] for s in specs} or {SERVED: settings}
-    configs = {BASE: {}, **edits}
+    configs = pooled_configs(names, fold_configs)
     report = {
         "crossval": {"folds": args.folds, "seed": args.seed, "settings": settings, "questions": len(rows)},
         "configs": configs,

@@ -36,13 +36,18 @@ def _raw(entry: dict[str, Any] | None) -> str:
     return text
 
 
+def _layers(layers: list[int]) -> str:
+    return ",".join(str(x) for x in layers)
+
+
 def _edit(report: dict[str, Any], name: str) -> str:
     applied = report["configs"][name]["applied"]
     if applied is None:
         return "none"
-    layers = ",".join(str(x) for x in applied["layers"])
+    by_fold = applied["layers"] and isinstance(applied["layers"][0], list)  # bench/crossval_gen.py: one per fold
+    layers = " / ".join(_layers(f) for f in applied["layers"]) if by_fold else _layers(applied["layers"])
     tokens = applied.get("edit_tokens", "all")
-    limit = "" if tokens == "all" else f", first {tokens} tokens"
+    limit = "" if tokens == "all" else f", first {tokens} token{'' if tokens == 1 else 's'}"
     return f"{applied['adapter']}: layers {layers}, α {applied['alpha']:g}, scope {applied['scope']}{limit}"
 
 
