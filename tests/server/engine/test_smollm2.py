@@ -77,9 +77,9 @@ def chat_prompt(loaded: LoadedModel, text: str) -> list[int]:
 def test_smollm2_batched_edits_at_the_default_alpha_match_each_alone(smollm2: LoadedModel, kind: str) -> None:
     adapter = smollm2_adapter(smollm2, kind)
     # The guarantee (docs/server.md "Exactness") is stated at alpha 2, stronger than the trained checkpoint's
-    # served default (alpha 0.5, scope generated, the first 4 tokens, chosen by the generation-mode eval), so alpha
+    # served default (alpha 0.5, scope generated, the first 2 tokens, chosen by the generation-mode eval), so alpha
     # 2 is asked for.
-    served = (2.0, "all", None) if kind == "random" else (0.5, "generated", 4)
+    served = (2.0, "all", None) if kind == "random" else (0.5, "generated", 2)
     assert (adapter.config.default_alpha, adapter.config.default_scope, adapter.config.default_edit_tokens) == served
     editor = HPREditor(smollm2.model, {"a": adapter})
     try:
