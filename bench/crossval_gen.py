@@ -212,9 +212,15 @@ def main() -> None:
             checkpoint = fold / "checkpoint"
             if args.random_probe is not None:
                 checkpoint = answers / "checkpoint-random"
-                if not checkpoint.is_dir():
+                if not checkpoint.is_dir() and not (answers / SUMMARY_FILE).is_file():
                     random_probe_copy(fold / "checkpoint", checkpoint, args.random_probe)
-            if not (answers / SUMMARY_FILE).is_file():
+            if (answers / SUMMARY_FILE).is_file():
+                stored = json.loads((answers / SUMMARY_FILE).read_text())["configs"]
+                null = (answers / "checkpoint-random").is_dir()
+                if set(stored) != set(names) or null != (args.random_probe is not None):
+                    held = f"{sorted(stored)}, random probe: {null}"
+                    raise SystemExit(f"{answers} holds another sweep ({held}): choose another --sweep")
+            else:
                 run([
                     str(bin_dir / "hpr-train"), "eval-gen", "--out", str(answers), "--data-dir", str(data_dir),
                     "--split", "test", "--adapter", f"{ADAPTER}={checkpoint}",
@@ -245,8 +251,11 @@ def main() -> None:
         t = results[name]["truthfulqa"]
         cells = []
         for metric in METRICS:
-            lo, hi = t[metric]["delta_ci95"] if metric in t else (float("nan"), float("nan"))
-            cells.append(f"{100 * t[metric]['delta']:+.1f} ({100 * lo:+.1f} … {100 * hi:+.1f})" if metric in t else "—")
+            if metric not in t:
+                cells.append("—")
+                continue
+            lo, hi = t[metric]["delta_ci95"]
+            cells.append(f"{100 * t[metric]['delta']:+.1f} ({100 * lo:+.1f} … {100 * hi:+.1f})")
         fluency, holds = t["fluency"], results[name]["guard"]["holds"]
         print(
             f"{name} | " + " | ".join(cells) + f" | {fluency['perplexity_ratio']:.2f} | "
