@@ -61,10 +61,13 @@ EngineFactory = Callable[[ServerSettings, AdapterRegistry], EngineLike]
 
 def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> EngineLike:
     """The in-process Hugging Face backend: transformers model, forward hooks, continuous batching."""
+    from server.allocator import keep_freed_memory
     from server.engine.engine import Engine
 
     if settings.num_threads is not None:
         torch.set_num_threads(settings.num_threads)
+    if settings.malloc_tuning:
+        keep_freed_memory()  # process-wide, like the thread count: before the model's memory is allocated
     loaded = load_model(
         settings.model,
         settings.device,

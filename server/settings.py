@@ -131,6 +131,13 @@ class ServerSettings(BaseSettings):
         description="Torch CPU threads (torch.set_num_threads); default: torch's choice. On a shared, busy CPU "
         "fewer threads than cores can be much faster.",
     )
+    malloc_tuning: bool = Field(
+        default=True,
+        description="On glibc: keep freed memory in the process (mallopt) so the KV cache, rebuilt whenever requests "
+        "join or leave the batch, reuses it instead of page-faulting fresh memory from the OS (docs/server.md). "
+        "Skipped when MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set. --no-malloc-tuning: glibc's "
+        "defaults.",
+    )
     served_model_name: str | None = Field(
         default=None,
         description="Model id shown in /v1/models and accepted as `model` (default: derived from --model).",

@@ -16,9 +16,9 @@ Queue: ``max_queue`` bounds requests waiting beyond the free slots of the runnin
 admits a request while a slot is free and refuses it (:class:`QueueFullError`) when the batch is full.
 
 CPU deployment notes (measured on a shared 2-core box): with more torch threads than idle cores, every op waits at
-an OpenMP barrier (1 thread was 2-10× faster there); and glibc returning large activation buffers to the OS makes
-each big elementwise op page-fault (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set high, or jemalloc,
-avoid it). Neither is the engine's to set: they are process-wide.
+an OpenMP barrier (1 thread was 2-10× faster there); and glibc returning large activation and KV-cache buffers to
+the OS makes each big op page-fault. Neither is the engine's to set, being process-wide: the server sets both at
+startup (``--num-threads``; ``--malloc-tuning``, :mod:`server.allocator`).
 """
 
 from __future__ import annotations
