@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from hpr.checkpoint import HPRAdapter
 from hpr.editing import HPREditor
 from hpr.model import EMBEDDED_MODEL_ID, load_model
+from server.allocator import keep_freed_memory
 from server.engine.engine import Engine
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -151,8 +152,12 @@ def main() -> None:
     parser.add_argument(
         "--compile-decode", action="store_true", help="decode steps through the compiled step (mixed steps stay eager)"
     )
+    parser.add_argument(
+        "--no-malloc-tuning", action="store_true", help="glibc's allocator defaults (hpr-serve --no-malloc-tuning)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print("glibc malloc:", "defaults" if args.no_malloc_tuning else keep_freed_memory(), flush=True)
     loaded = load_model(EMBEDDED_MODEL_ID, "cpu", "float32")
     adapters = {}
     if args.adapter:
