@@ -234,7 +234,7 @@ def test_a_failing_request_fails_alone(
             raise RuntimeError("boom in sampling")
         return real_sample(processed, state)
 
-    monkeypatch.setattr("server.engine.runner.sample", flaky_sample)
+    monkeypatch.setattr("server.engine.selection.sample", flaky_sample)
 
     async def main() -> list[list[GenerationOutput] | BaseException]:
         async with make_engine() as engine:
