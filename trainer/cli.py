@@ -24,7 +24,9 @@ from trainer import pipeline as P
 from trainer.activations import ExtractOptions
 from trainer.cli_eval_gen import add_eval_gen_parser, run_eval_gen_cli
 from trainer.fit import FitOptions
+from trainer.mc_eval import stage_eval
 from trainer.prompts import FORMATS
+from trainer.run_config import RunConfig, set_threads
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -241,8 +243,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> P.RunConfig:
-    return P.RunConfig(
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
         out=args.out,
         model=args.model,
         device=args.device,
@@ -293,7 +295,7 @@ def config_from_args(args: argparse.Namespace) -> P.RunConfig:
     )
 
 
-STAGES: dict[str, tuple[str, Callable[[P.RunConfig, dict[str, Any]], Any]]] = {
+STAGES: dict[str, tuple[str, Callable[[RunConfig, dict[str, Any]], Any]]] = {
     "run": ("every stage end to end (resumes whatever is done)", lambda c, m: P.run_all(c)),
     "data": ("load and split the data, write OUT/data.json", lambda c, m: P.stage_data(c)),
     "extract": ("cache decoder-layer activations of train/eval pairs in OUT/activations", P.stage_extract),
@@ -302,7 +304,7 @@ STAGES: dict[str, tuple[str, Callable[[P.RunConfig, dict[str, Any]], Any]]] = {
         lambda c, m: P.stage_fit(c),
     ),
     "select": ("choose layers by eval probe accuracy, plot it", lambda c, m: P.stage_select(c)),
-    "eval": ("TruthfulQA MC1/MC2 base vs edited, write OUT/eval.json", P.stage_eval),
+    "eval": ("TruthfulQA MC1/MC2 base vs edited, write OUT/eval.json", stage_eval),
 }
 
 
@@ -339,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage == "eval-gen":
         return run_eval_gen_cli(args)
     cfg = config_from_args(args)
-    P.set_threads(cfg.threads)
+    set_threads(cfg.threads)
     start = time.perf_counter()
     try:
         result = STAGES[args.stage][1](cfg, {})

@@ -169,7 +169,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def run_eval_gen_cli(args: argparse.Namespace) -> int:
-    from trainer.pipeline import set_threads
+    from trainer.run_config import set_threads
 
     args.threads = set_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()

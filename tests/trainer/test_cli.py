@@ -185,7 +185,7 @@ def test_pick_best_writes_what_it_picked_into_the_checkpoint(tmp_path, tiny_mode
 
 def test_csv_answers_keep_the_standard_mc2(tmp_path, tiny_model_dir, tiny_truthfulqa, truthfulqa_dir) -> None:  # type: ignore[no-untyped-def]
     from trainer.data import load_truthfulqa, load_truthfulqa_csv
-    from trainer.pipeline import RunConfig, load_dataset
+    from trainer.run_config import RunConfig, load_dataset
 
     (tiny_truthfulqa / "TruthfulQA.csv").write_bytes((truthfulqa_dir / "TruthfulQA.csv").read_bytes())
     ds = load_dataset(RunConfig(out=tmp_path, data_dir=tiny_truthfulqa, answers="csv"))
