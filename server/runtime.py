@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -160,17 +161,27 @@ async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
+    def hand_off(outcome: Callable[[], None]) -> None:
+        try:
+            loop.call_soon_threadsafe(lambda: None if done.done() else outcome())
+        except RuntimeError:  # the loop closed while the work ran: nobody is waiting for it
+            log.debug("%s finished after its event loop closed", thread.name)
+
     def work() -> None:
         try:
             result = fn(*args)
         except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(done.set_exception, exc)
+            hand_off(functools.partial(done.set_exception, exc))
         else:
-            loop.call_soon_threadsafe(done.set_result, result)
+            hand_off(functools.partial(done.set_result, result))
 
     thread = threading.Thread(target=work, name=f"hpr-load-{getattr(fn, '__name__', 'work')}", daemon=True)
     thread.start()
-    await asyncio.wait({done})  # a cancelled caller returns at once; the thread finishes its work and ends
+    try:
+        await asyncio.wait({done})
+    except asyncio.CancelledError:  # the caller returns at once; the thread finishes its work and ends, its outcome
+        done.cancel()  # dropped (a cancelled future takes no result, and logs no unretrieved exception)
+        raise
     await asyncio.to_thread(thread.join)  # ended: its OpenMP team is released before the engine starts
     return done.result()
 

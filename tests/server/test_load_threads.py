@@ -8,6 +8,7 @@ threads than cores libgomp sleeps between parallel regions, which made every eng
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,69 @@ def test_startup_and_adapter_loads_run_on_threads_that_have_ended(
         loaders = threads["factory"] + threads["load_adapter"]
         assert not any(t.is_alive() for t in loaders), [t.name for t in loaders if t.is_alive()]
         assert all(t.name.startswith("hpr-load-") for t in loaders)
+
+
+def _thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException | None]:
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    return errors
+
+
+def test_in_own_thread_work_that_ends_after_its_loop_closed_raises_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller was cancelled and the loop closed (e.g. a server stopped during a load): the thread's hand-off
+    finds no loop, and that is not an error."""
+    errors = _thread_errors(monkeypatch)
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def work() -> int:
+        threads.append(threading.current_thread())
+        release.wait(10)
+        return 1
+
+    async def main() -> None:
+        task = asyncio.ensure_future(in_own_thread(work))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())  # closes the loop
+    release.set()
+    threads[0].join(10)
+    assert not threads[0].is_alive()
+    assert errors == []
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_in_own_thread_outcome_after_a_cancelled_caller_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """The loop still runs when the cancelled caller's work ends: its result or error goes nowhere, without an error
+    in the thread or an "exception was never retrieved" from the loop."""
+    errors = _thread_errors(monkeypatch)
+    loop_errors: list[dict[str, Any]] = []
+    release, finished = threading.Event(), threading.Event()
+
+    def work() -> int:
+        release.wait(10)
+        finished.set()
+        if fails:
+            raise ValueError("late failure")
+        return 1
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        task = asyncio.ensure_future(in_own_thread(work))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        assert await asyncio.to_thread(finished.wait, 10)
+        await asyncio.sleep(0.1)  # the hand-off callback runs on the loop
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+
+    asyncio.run(main())
+    assert errors == []
+    assert loop_errors == []
