@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
@@ -58,8 +59,8 @@ def story_prompt(engine: Engine, round_no: int) -> list[int]:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    """The nearest-rank ``q`` quantile (0-1) of ``values``."""
+    return float(np.percentile(values, 100 * q, method="nearest"))
 
 
 async def one_round(engine: Engine, args: argparse.Namespace, edit: object, round_no: int) -> dict[str, float]:

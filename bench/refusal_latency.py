@@ -19,14 +19,15 @@ import statistics
 import time
 
 import httpx
+import numpy as np
 
 from hpr.model import EMBEDDED_MODEL_ID
 from trainer.gen_client import LocalServer
 
 
 def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    """The nearest-rank ``q`` quantile (0-1) of ``values``."""
+    return float(np.percentile(values, 100 * q, method="nearest"))
 
 
 def _body(max_tokens: int) -> dict[str, object]:
