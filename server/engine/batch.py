@@ -133,15 +133,31 @@ class Batch:
         columns = torch.arange(self.length + 1, device=self.pad.device)  # (L + 1,)
         return (columns[None, :] >= self.pad[:, None])[:, None, None, :]
 
-    def filter(self, keep: Sequence[int]) -> Batch | None:
+    def filter(self, keep: Sequence[int], in_place: bool = False) -> Batch | None:
         """A batch of rows ``keep`` (indices, in order); None when no row is left. Drops padding nobody needs.
 
-        ``self`` stays usable (its cache is copied, not mutated), so a step can be retried on a sub-batch.
+        ``self`` stays usable (its cache is copied, not mutated), so a step can be retried on a sub-batch. With
+        ``in_place`` (for a batch that is replaced by the result), the last kept rows move into the places of the
+        rows that leave, in the cache itself (:meth:`BatchKVCache.compact`): ``keep``'s rows, in another order, and
+        ``self`` is spent. Unless that would keep a chunk of padding no row needs: then it is copied as above.
         """
         if not keep:
             return None
         if list(keep) == list(range(len(self.requests))):
             return self
+        if in_place:
+            order = fill_order(keep)
+            rows = torch.tensor(order, dtype=torch.long, device=self.pad.device)
+            pad = self.pad.index_select(0, rows)
+            if int(pad.min()) < GROWTH_CHUNK:
+                self.cache.compact(order)
+                return Batch(
+                    requests=[self.requests[i] for i in order],
+                    cache=self.cache,
+                    pad=pad,
+                    next_tokens=self.next_tokens.index_select(0, rows),
+                    sampling=self.sampling.filter(rows, order),
+                )
         rows = torch.tensor(list(keep), dtype=torch.long, device=self.pad.device)
         pad = self.pad.index_select(0, rows)
         drop = int(pad.min())  # columns that are padding for every kept row
@@ -156,11 +172,17 @@ class Batch:
 
     @classmethod
     def concatenate(cls, batches: Sequence[Batch]) -> Batch:
-        """One batch with the rows of ``batches`` in order; each is left-padded to the longest cache."""
+        """One batch with the rows of ``batches`` in order; each is left-padded to the longest cache. The first
+        batch's cache takes the others' rows in place when it has room for them (its spare rows, and no other
+        longer; :meth:`BatchKVCache.join_in_place`); then the first batch is spent."""
         if len(batches) == 1:
             return batches[0]
         length = max(b.length for b in batches)
-        cache = BatchKVCache.concatenate([b.cache for b in batches], spare=GROWTH_CHUNK)
+        first = batches[0].cache
+        if first.join_in_place([b.cache for b in batches[1:]]):
+            cache = first
+        else:
+            cache = BatchKVCache.concatenate([b.cache for b in batches], spare=GROWTH_CHUNK)
         return cls(
             requests=[r for b in batches for r in b.requests],
             cache=cache,
@@ -299,3 +321,17 @@ def mixed_edit_plan(
         valid=torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), valid.reshape(n * c, 1)]),
         flat=True,
     )
+
+
+def fill_order(keep: Sequence[int]) -> list[int]:
+    """``keep`` (increasing row indices) as the order :meth:`BatchKVCache.compact` keeps them in: a kept row stays
+    where it is, and the kept rows past the new end move, in order, into the places of the rows that leave.
+    [0, 2, 3, 5] → [0, 5, 2, 3]: row 1 leaves, row 5 takes its place, row 4 leaves from past the end."""
+    n = len(keep)
+    kept = set(keep)
+    order = list(range(n))
+    tail = iter(i for i in keep if i >= n)
+    for j in range(n):
+        if j not in kept:
+            order[j] = next(tail)
+    return order

@@ -6,8 +6,12 @@ mask). Each decode step appends one column for every row, so ``pad`` stays const
 
 Unlike ``DynamicCache`` (which concatenates, i.e. copies the whole cache, on every step), each layer keeps a
 preallocated buffer (B, H_kv, capacity, D) and writes the new column in place; attention reads the view
-``[:, :, :length]``. The buffer grows by chunks when full, and is rebuilt only when rows leave (:meth:`filter`) or
-join (:meth:`concatenate`).
+``[:rows, :, :length]``. The buffer grows by chunks when full. When rows leave, the batch either copies the rows it
+keeps into a new cache (:meth:`BatchKVCache.select`) or moves its last rows into the leavers' places in place
+(:meth:`BatchKVCache.compact`), leaving spare rows at the end of the buffers; newcomers no longer than the running
+rows are then written into those spare rows (:meth:`BatchKVCache.join_in_place`), and otherwise the caches are
+copied into a new one (:meth:`BatchKVCache.concatenate`). With 32 rows of 600 columns a copy moves ~0.9 GB in fp32,
+a pause for every running stream; writing the rows that change does not.
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ def _round_up(n: int) -> int:
 
 
 class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """One decoder layer's keys and values: buffers (B, H_kv, capacity, D), the first ``length`` columns used.
+    """One decoder layer's keys and values: buffers (R, H_kv, capacity, D), the first ``rows`` rows and ``length``
+    columns used (R ≥ rows: the rows past ``rows`` are spare, their contents undefined).
 
-    The columns past ``length`` hold zeros or keys/values once written there: never uninitialised memory, because
-    the compiled decode step (:mod:`server.engine.compiled`) attends over the whole buffer with those columns
-    masked, and a masked NaN would still poison the output (0 × NaN).
+    In a used row, the columns past ``length`` hold zeros or keys/values once written there: never uninitialised
+    memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole buffer with
+    those columns masked, and a masked NaN would still poison the output (0 × NaN).
     """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.length = 0
+        self.rows = 0
+
+    @property
+    def spare_rows(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[0]) - self.rows
 
     @property
     def capacity(self) -> int:
@@ -48,16 +58,17 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     def _reserve(self, needed: int, like_k: Tensor, like_v: Tensor) -> None:
         if self.keys is not None and needed <= self.capacity:
             return
-        batch, heads = like_k.shape[:2]
+        heads = like_k.shape[1]
+        batch = self.rows if self.keys is not None else like_k.shape[0]  # spare rows are not carried over
         cap = _round_up(max(needed, self.capacity + self.capacity // 2))
         keys = like_k.new_empty((batch, heads, cap, like_k.shape[-1]))  # (B, H_kv, cap, D)
         values = like_v.new_empty((batch, heads, cap, like_v.shape[-1]))
         if self.keys is not None and self.values is not None and self.length:
-            keys[:, :, : self.length] = self.keys[:, :, : self.length]
-            values[:, :, : self.length] = self.values[:, :, : self.length]
+            keys[:, :, : self.length] = self.keys[:batch, :, : self.length]
+            values[:, :, : self.length] = self.values[:batch, :, : self.length]
         keys[:, :, self.length :] = 0  # columns not in use are zeros, never garbage (see the class docstring)
         values[:, :, self.length :] = 0
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.rows = keys, values, batch
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` columns (the layer must hold keys already)."""
@@ -71,10 +82,13 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         t = key_states.shape[-2]
         self._reserve(self.length + t, key_states, value_states)
         assert self.keys is not None and self.values is not None
-        self.keys[:, :, self.length : self.length + t] = key_states
-        self.values[:, :, self.length : self.length + t] = value_states
+        rows = self.rows
+        if key_states.shape[0] != rows:
+            raise ValueError(f"{key_states.shape[0]} rows of keys for a cache of {rows} rows")
+        self.keys[:rows, :, self.length : self.length + t] = key_states
+        self.values[:rows, :, self.length : self.length + t] = value_states
         self.length += t
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        return self.keys[:rows, :, : self.length], self.values[:rows, :, : self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -86,8 +100,9 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.length = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else self.length
 
     def used(self) -> tuple[Tensor, Tensor]:
+        """The used rows and columns (rows, H_kv, length, D)."""
         assert self.keys is not None and self.values is not None
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        return self.keys[: self.rows, :, : self.length], self.values[: self.rows, :, : self.length]
 
     def allocate(self, batch: int, length: int, spare: int, like_k: Tensor, like_v: Tensor) -> None:
         """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills; the rest are zeros."""
@@ -98,6 +113,7 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.keys[:, :, length:] = 0  # never garbage (see the class docstring)
         self.values[:, :, length:] = 0
         self.length = length
+        self.rows = batch
         self.is_initialized = True
         self.device = like_k.device
 
@@ -131,8 +147,51 @@ class BatchKVCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        keys = self.growable_layers[0].keys
-        return 0 if keys is None else int(keys.shape[0])
+        return self.growable_layers[0].rows if self.layers else 0
+
+    def compact(self, order: Sequence[int]) -> None:
+        """Keep rows ``order`` (row j becomes old row ``order[j]``), in place: only the rows that move are copied,
+        and the buffers keep their size (the rows past ``len(order)`` become spare). A moved row must come from
+        past the new end (``order[j] == j`` or ``order[j] >= len(order)``), so no source is overwritten first."""
+        n = len(order)
+        moves = [(j, src) for j, src in enumerate(order) if src != j]
+        if any(src < n for _, src in moves) or len(set(order)) != n or (order and max(order) >= self.batch_size):
+            raise ValueError(f"compact: rows {list(order)} of {self.batch_size} are not a keep-and-fill order")
+        for layer in self.growable_layers:
+            assert layer.keys is not None and layer.values is not None
+            for j, src in moves:  # every column: a used row's columns past `length` stay zeros, never garbage
+                layer.keys[j] = layer.keys[src]
+                layer.values[j] = layer.values[src]
+            layer.rows = n
+
+    def join_in_place(self, caches: Sequence[BatchKVCache]) -> bool:
+        """Write the rows of ``caches`` into this cache's spare rows, left-padded with zeros to its ``length``; False
+        (nothing changed) when they do not fit: too few spare rows, or a cache longer than this one."""
+        count = sum(c.batch_size for c in caches)
+        layers = self.growable_layers
+        if not layers or layers[0].spare_rows < count or any(c.length > self.length for c in caches):
+            return False
+        length = self.length
+        for index, target in enumerate(layers):
+            assert target.keys is not None and target.values is not None
+            at = target.rows
+            for cache in caches:
+                keys, values = cache.growable_layers[index].used()  # (b, H_kv, l, D)
+                b, missing = keys.shape[0], length - keys.shape[2]
+                for buffer, part in ((target.keys, keys), (target.values, values)):
+                    buffer[at : at + b, :, :missing] = 0
+                    buffer[at : at + b, :, missing:length] = part
+                    buffer[at : at + b, :, length:] = 0  # never garbage (see GrowableLayer)
+                at += b
+            target.rows = at
+        return True
+
+    def without_spare_rows(self) -> None:
+        """Buffers of exactly the used rows (a copy, when there are spare rows): for code that reads whole buffers."""
+        for layer in self.growable_layers:
+            if layer.spare_rows and layer.keys is not None and layer.values is not None:
+                rows = layer.rows
+                layer.keys, layer.values = layer.keys[:rows].clone(), layer.values[:rows].clone()
 
     def select(self, rows: Tensor, drop_columns: int, spare: int) -> BatchKVCache:
         """A new cache with ``rows`` (n,) long, without the first ``drop_columns`` columns (padding no kept row

@@ -437,7 +437,7 @@ class ModelRunner:
             else:
                 keep.append(row)
         batch.next_tokens = torch.tensor(selection.tokens, dtype=torch.long, device=self.device).clamp_min(0)
-        return StepOutcome(batch.filter(keep), events, finished)
+        return StepOutcome(batch.filter(keep, in_place=True), events, finished)  # `batch` is replaced by it
 
 
 def _capture_last_hidden(store: dict[str, Tensor]) -> Callable[[nn.Module, Any, Any], None]:

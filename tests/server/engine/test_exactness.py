@@ -12,6 +12,7 @@ import torch
 from hpr.editing import EditPlan, EditSpec, HPREditor
 from hpr.model import LoadedModel
 from server.engine.engine import Engine
+from server.engine.kv_cache import BatchKVCache
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 from tests.server.engine.conftest import StepSizes, collect, joined, run
 
@@ -320,3 +321,49 @@ def test_edit_tokens_edits_the_first_tokens_only_alone_batched_and_joining(
         assert expected[0][:n] == unlimited[0][:n]
         assert all(float((a - b).abs().max()) < TOL for a, b in zip(expected[1][:n], unlimited[1][:n], strict=True))
         assert max(float((a - b).abs().max()) for a, b in zip(expected[1][n:], unlimited[1][n:], strict=True)) > 1e-3
+
+
+def test_rows_that_finish_leave_room_that_newcomers_take_in_place(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two of four rows finish early; the batch keeps its cache and moves its last row into a leaver's place
+    (``Batch.filter(in_place=True)``), and two newcomers are then written into the spare rows
+    (``BatchKVCache.join_in_place``; the eager step: the compiled one takes buffers without spare rows). Every
+    request still gets what it gets alone."""
+    joins: list[bool] = []
+    join_in_place = BatchKVCache.join_in_place
+
+    def counted(self: BatchKVCache, caches: list[BatchKVCache]) -> bool:
+        joins.append(join_in_place(self, caches))
+        return joins[-1]
+
+    monkeypatch.setattr(BatchKVCache, "join_in_place", counted)
+    cases = edit_cases(tiny_editor)
+    long_prompt = tiny_loaded.tokenizer.encode("Once upon a time, in a land far away, there lived a cat")
+    first = [(long_prompt, cases[1], 120), (long_prompt[:-3], cases[2], 3), (long_prompt[:-1], None, 120)]
+    first.append((long_prompt[:-2], cases[6], 4))
+    later = [(tiny_loaded.tokenizer.encode("x"), cases[3], 6), (tiny_loaded.tokenizer.encode("Hi"), cases[7], 5)]
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
+        engine.start()
+        try:
+            tasks = [
+                asyncio.create_task(collect(engine, greedy(f"r{i}", p, e, steps=n)))
+                for i, (p, e, n) in enumerate(first)
+            ]
+            await asyncio.gather(tasks[1], tasks[3])  # the two short ones are done; r0 and r2 still run
+            assert not tasks[0].done() and not tasks[2].done()
+            tasks += [
+                asyncio.create_task(collect(engine, greedy(f"n{i}", p, e, steps=n)))
+                for i, (p, e, n) in enumerate(later)
+            ]
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for (prompt, spec, steps), outputs in zip(first + later, results, strict=True):
+        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
+    if not compile_decode:
+        assert True in joins  # the newcomers took the spare rows in place
