@@ -10,6 +10,12 @@ children's environment. Prints per side the median and max of join + filter (ms)
 first (the first pays for the process's first touch of that much memory either way), and the first.
 
     .venv/bin/python bench/kv_join.py [--rounds 2] [--threads 2] [--reps 8]
+
+``--churn``: the steady state of a busy server instead, one row finishing and one newcomer joining per cycle, in one
+process with hpr-serve's allocator settings, ABBA by cycle: ``copy`` (the kept rows copied into a new cache, then
+the newcomer joined by a second copy: ``select`` + ``concatenate``, the engine's path before 2026-12-03) against
+``in place`` (the last row moved into the leaver's place, the newcomer written into the spare row: ``compact`` +
+``join_in_place``). Each side keeps its own cache across cycles. Prints the median and max per cycle (ms).
 """
 
 from __future__ import annotations
@@ -66,6 +72,50 @@ def child(tuned: bool, threads: int, rows: int, length: int, new_length: int, re
     return times
 
 
+def churn(threads: int, rows: int, length: int, new_length: int, reps: int) -> None:
+    """Leave + join per cycle, copy against in place (see the module docstring)."""
+    from server.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    import torch
+
+    from server.engine.batch import fill_order
+    from server.engine.kv_cache import BatchKVCache
+
+    torch.set_num_threads(threads)
+
+    def make(batch: int, columns: int) -> BatchKVCache:
+        cache = BatchKVCache(LAYERS)
+        for layer in cache.growable_layers:
+            keys = torch.randn(batch, KV_HEADS, columns, HEAD_DIM)  # (B, H_kv, T, D)
+            layer.update(keys, keys.clone())
+        return cache
+
+    caches = {"copy": make(rows, length), "in place": make(rows, length)}
+    newcomer = make(1, new_length)
+    times: dict[str, list[float]] = {"copy": [], "in place": []}
+    for cycle in range(reps):
+        for side in ("copy", "in place") if cycle % 2 == 0 else ("in place", "copy"):
+            cache = caches[side]
+            leaver = (7 * cycle) % rows
+            keep = [r for r in range(rows) if r != leaver]
+            start = time.perf_counter()
+            if side == "copy":
+                kept = cache.select(torch.tensor(keep), 0, 64)
+                cache = BatchKVCache.concatenate([kept, newcomer], spare=64)
+            else:
+                cache.compact(fill_order(keep))
+                assert cache.join_in_place([newcomer])
+            times[side].append(time.perf_counter() - start)
+            caches[side] = cache
+    print(f"churn: {rows} rows × {length} columns, one leaves and one of {new_length} joins per cycle, {reps} cycles")
+    print("| path | leave + join, median (ms) | max (ms) |")
+    print("| --- | --- | --- |")
+    for side, values in times.items():
+        print(f"| {side} | {1000 * statistics.median(values):.1f} | {1000 * max(values):.1f} |")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2, help="ABBA cycles")
@@ -74,9 +124,13 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=600)
     ap.add_argument("--new-length", type=int, default=512)
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--churn", action="store_true", help="copy against in place, one leaver and one newcomer a cycle")
     ap.add_argument("--child", choices=["tuned", "defaults"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = (args.threads, args.rows, args.length, args.new_length, args.reps)
+    if args.churn:
+        churn(*sizes)
+        return
     if args.child:
         print(json.dumps(child(args.child == "tuned", *sizes)))
         return
