@@ -1,6 +1,6 @@
 r"""Load generator for any OpenAI-compatible server: N concurrent streaming clients, fixed prompt and output lengths.
 
-Prints aggregate generated tok/s, TTFT p50/p95, inter-token latency p50/p95 (gaps between streamed chunks) and
+Prints aggregate generated tok/s, TTFT p50/p95, inter-token latency p50/p95/p99/max (gaps between streamed chunks) and
 time per output token (per request: (last − first chunk) / (tokens − 1)). Works against ``hpr-serve``, vLLM, or
 ``transformers serve --continuous-batching`` (chat endpoint; servers that ignore ``ignore_eos`` may stop early:
 the report shows the tokens actually generated).
@@ -183,6 +183,8 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], wall: floa
         "ttft_ms_p95": percentile([r.ttft for r in ok], 95) * ms,
         "itl_ms_p50": percentile(gaps, 50) * ms,
         "itl_ms_p95": percentile(gaps, 95) * ms,
+        "itl_ms_p99": percentile(gaps, 99) * ms,
+        "itl_ms_max": max(gaps) * ms if gaps else math.nan,
         "tpot_ms_p50": percentile(tpots, 50) * ms,
         "tpot_ms_p95": percentile(tpots, 95) * ms,
         "latency_s_p50": percentile([r.latency for r in ok], 50),
@@ -202,7 +204,10 @@ def print_report(summary: dict[str, Any]) -> None:
     )
     print(f"  throughput      {summary['output_tok_per_s']:9.1f} output tok/s   {summary['requests_per_s']:.2f} req/s")
     print(f"  TTFT            p50 {summary['ttft_ms_p50']:9.1f} ms   p95 {summary['ttft_ms_p95']:9.1f} ms")
-    print(f"  inter-token     p50 {summary['itl_ms_p50']:9.1f} ms   p95 {summary['itl_ms_p95']:9.1f} ms")
+    print(
+        f"  inter-token     p50 {summary['itl_ms_p50']:9.1f} ms   p95 {summary['itl_ms_p95']:9.1f} ms   "
+        f"p99 {summary['itl_ms_p99']:9.1f} ms   max {summary['itl_ms_max']:9.1f} ms"
+    )
     print(f"  time/out token  p50 {summary['tpot_ms_p50']:9.1f} ms   p95 {summary['tpot_ms_p95']:9.1f} ms")
     for error in summary["errors"]:
         print(f"  error: {error}")
