@@ -29,11 +29,25 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
+
+
+def make_cache(batch: int, columns: int) -> Any:
+    """A ``BatchKVCache`` of ``batch`` rows of ``columns`` random columns (torch imported by the caller first)."""
+    import torch
+
+    from server.engine.kv_cache import BatchKVCache
+
+    cache = BatchKVCache(LAYERS)
+    for layer in cache.growable_layers:
+        keys = torch.randn(batch, KV_HEADS, columns, HEAD_DIM)  # (B, H_kv, T, D)
+        layer.update(keys, keys.clone())
+    return cache
 
 
 def child(tuned: bool, threads: int, rows: int, length: int, new_length: int, reps: int) -> list[float]:
@@ -49,16 +63,9 @@ def child(tuned: bool, threads: int, rows: int, length: int, new_length: int, re
     torch.set_num_threads(threads)
     times: list[float] = []
 
-    def make(batch: int, columns: int) -> BatchKVCache:
-        cache = BatchKVCache(LAYERS)
-        for layer in cache.growable_layers:
-            keys = torch.randn(batch, KV_HEADS, columns, HEAD_DIM)  # (B, H_kv, T, D)
-            layer.update(keys, keys.clone())
-        return cache
-
     def work() -> None:
-        running = make(rows, length)
-        newcomers = [make(1, new_length) for _ in range(3)]
+        running = make_cache(rows, length)
+        newcomers = [make_cache(1, new_length) for _ in range(3)]
         for rep in range(reps):
             start = time.perf_counter()
             joined = BatchKVCache.concatenate([running, *newcomers[: 1 + rep % 3]], spare=64)
@@ -84,15 +91,8 @@ def churn(threads: int, rows: int, length: int, new_length: int, reps: int) -> N
 
     torch.set_num_threads(threads)
 
-    def make(batch: int, columns: int) -> BatchKVCache:
-        cache = BatchKVCache(LAYERS)
-        for layer in cache.growable_layers:
-            keys = torch.randn(batch, KV_HEADS, columns, HEAD_DIM)  # (B, H_kv, T, D)
-            layer.update(keys, keys.clone())
-        return cache
-
-    caches = {"copy": make(rows, length), "in place": make(rows, length)}
-    newcomer = make(1, new_length)
+    caches = {"copy": make_cache(rows, length), "in place": make_cache(rows, length)}
+    newcomer = make_cache(1, new_length)
     times: dict[str, list[float]] = {"copy": [], "in place": []}
     for cycle in range(reps):
         for side in ("copy", "in place") if cycle % 2 == 0 else ("in place", "copy"):
