@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ from tests.conftest import make_random_adapter
 from tests.server.fake_engine import FakeEngine
 from tests.server.live_server import run_server
 from tests.server.test_adapters_api import ADMIN_HEADERS, admin_settings
+
+
+async def cancel_while_running(work: Callable[[], object]) -> None:
+    """Start ``work`` through ``in_own_thread`` and cancel the caller while it runs."""
+    task = asyncio.ensure_future(in_own_thread(work))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 def test_in_own_thread_returns_and_raises_from_a_thread_that_has_ended() -> None:
@@ -53,11 +63,7 @@ def test_in_own_thread_cancelled_returns_at_once_and_the_work_finishes() -> None
         finished.set()
 
     async def main() -> None:
-        task = asyncio.ensure_future(in_own_thread(work))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_running(work)
         assert not finished.is_set()  # the caller did not wait for the work
         release.set()
         assert await asyncio.to_thread(finished.wait, 10)
@@ -113,11 +119,7 @@ def test_in_own_thread_work_that_ends_after_its_loop_closed_raises_nothing(monke
         return 1
 
     async def main() -> None:
-        task = asyncio.ensure_future(in_own_thread(work))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_running(work)
 
     asyncio.run(main())  # closes the loop
     release.set()
@@ -145,11 +147,7 @@ def test_in_own_thread_outcome_after_a_cancelled_caller_is_dropped_quietly(
 
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
-        task = asyncio.ensure_future(in_own_thread(work))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_running(work)
         release.set()
         assert await asyncio.to_thread(finished.wait, 10)
         await asyncio.sleep(0.1)  # the hand-off callback runs on the loop
