@@ -16,6 +16,11 @@ process with hpr-serve's allocator settings, ABBA by cycle: ``copy`` (the kept r
 the newcomer joined by a second copy: ``select`` + ``concatenate``, the engine's path before 2026-12-03) against
 ``in place`` (the last row moved into the leaver's place, the newcomer written into the spare row: ``compact`` +
 ``join_in_place``). Each side keeps its own cache across cycles. Prints the median and max per cycle (ms).
+
+``--churn --arrive``: a newcomer longer than the running rows joins a batch nobody has left, then leaves again
+(``--new-length`` > ``--length``). ``copy``: ``concatenate`` then ``select`` (dropping the padding again); ``in place``:
+``join_in_place`` takes a spare row and head columns (the running rows' padding grows), then ``compact`` and
+``drop_left`` give them back.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def child(tuned: bool, threads: int, rows: int, length: int, new_length: int, re
     return times
 
 
-def churn(threads: int, rows: int, length: int, new_length: int, reps: int) -> None:
+def churn(threads: int, rows: int, length: int, new_length: int, reps: int, arrive: bool = False) -> None:
     """Leave + join per cycle, copy against in place (see the module docstring)."""
     from server.allocator import keep_freed_memory
 
@@ -100,7 +105,15 @@ def churn(threads: int, rows: int, length: int, new_length: int, reps: int) -> N
             leaver = (7 * cycle) % rows
             keep = [r for r in range(rows) if r != leaver]
             start = time.perf_counter()
-            if side == "copy":
+            if arrive:
+                if side == "copy":
+                    joined = BatchKVCache.concatenate([cache, newcomer], spare=64)
+                    cache = joined.select(torch.arange(rows), joined.length - length, 64)
+                else:
+                    assert cache.join_in_place([newcomer])
+                    cache.compact(list(range(rows)))
+                    cache.drop_left(cache.length - length)
+            elif side == "copy":
                 kept = cache.select(torch.tensor(keep), 0, 64)
                 cache = BatchKVCache.concatenate([kept, newcomer], spare=64)
             else:
@@ -108,7 +121,8 @@ def churn(threads: int, rows: int, length: int, new_length: int, reps: int) -> N
                 assert cache.join_in_place([newcomer])
             times[side].append(time.perf_counter() - start)
             caches[side] = cache
-    print(f"churn: {rows} rows × {length} columns, one leaves and one of {new_length} joins per cycle, {reps} cycles")
+    what = f"one of {new_length} joins and leaves again" if arrive else f"one leaves and one of {new_length} joins"
+    print(f"churn: {rows} rows × {length} columns, {what} per cycle, {reps} cycles")
     print("| path | leave + join, median (ms) | max (ms) |")
     print("| --- | --- | --- |")
     for side, values in times.items():
@@ -125,11 +139,12 @@ def main() -> None:
     ap.add_argument("--new-length", type=int, default=512)
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--churn", action="store_true", help="copy against in place, one leaver and one newcomer a cycle")
+    ap.add_argument("--arrive", action="store_true", help="with --churn: a longer newcomer joins and leaves again")
     ap.add_argument("--child", choices=["tuned", "defaults"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = (args.threads, args.rows, args.length, args.new_length, args.reps)
     if args.churn:
-        churn(*sizes)
+        churn(*sizes, arrive=args.arrive)
         return
     if args.child:
         print(json.dumps(child(args.child == "tuned", *sizes)))

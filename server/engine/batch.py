@@ -138,8 +138,9 @@ class Batch:
 
         ``self`` stays usable (its cache is copied, not mutated), so a step can be retried on a sub-batch. With
         ``in_place`` (for a batch that is replaced by the result), the last kept rows move into the places of the
-        rows that leave, in the cache itself (:meth:`BatchKVCache.compact`): ``keep``'s rows, in another order, and
-        ``self`` is spent. Unless that would keep a chunk of padding no row needs: then it is copied as above.
+        rows that leave, in the cache itself (:meth:`BatchKVCache.compact`), and padding no kept row needs goes
+        back to the cache's head (:meth:`BatchKVCache.drop_left`): ``keep``'s rows, in another order, and ``self``
+        is spent.
         """
         if not keep:
             return None
@@ -149,15 +150,16 @@ class Batch:
             order = fill_order(keep)
             rows = torch.tensor(order, dtype=torch.long, device=self.pad.device)
             pad = self.pad.index_select(0, rows)
-            if int(pad.min()) < GROWTH_CHUNK:
-                self.cache.compact(order)
-                return Batch(
-                    requests=[self.requests[i] for i in order],
-                    cache=self.cache,
-                    pad=pad,
-                    next_tokens=self.next_tokens.index_select(0, rows),
-                    sampling=self.sampling.filter(rows, order),
-                )
+            drop = int(pad.min())  # columns that are padding for every kept row
+            self.cache.compact(order)
+            self.cache.drop_left(drop)
+            return Batch(
+                requests=[self.requests[i] for i in order],
+                cache=self.cache,
+                pad=pad - drop,
+                next_tokens=self.next_tokens.index_select(0, rows),
+                sampling=self.sampling.filter(rows, order),
+            )
         rows = torch.tensor(list(keep), dtype=torch.long, device=self.pad.device)
         pad = self.pad.index_select(0, rows)
         drop = int(pad.min())  # columns that are padding for every kept row
@@ -173,11 +175,12 @@ class Batch:
     @classmethod
     def concatenate(cls, batches: Sequence[Batch]) -> Batch:
         """One batch with the rows of ``batches`` in order; each is left-padded to the longest cache. The first
-        batch's cache takes the others' rows in place when it has room for them (its spare rows, and no other
-        longer; :meth:`BatchKVCache.join_in_place`); then the first batch is spent."""
+        batch's cache takes the others' rows in place when it has room for them (spare rows, and head columns for
+        a longer one: :meth:`BatchKVCache.join_in_place`); then the first batch is spent."""
         if len(batches) == 1:
             return batches[0]
-        length = max(b.length for b in batches)
+        lengths = [b.length for b in batches]  # before the join: in place, it lengthens the first batch's cache
+        length = max(lengths)
         first = batches[0].cache
         if first.join_in_place([b.cache for b in batches[1:]]):
             cache = first
@@ -186,7 +189,7 @@ class Batch:
         return cls(
             requests=[r for b in batches for r in b.requests],
             cache=cache,
-            pad=torch.cat([b.pad + (length - b.length) for b in batches]),
+            pad=torch.cat([b.pad + (length - own) for b, own in zip(batches, lengths, strict=True)]),
             next_tokens=torch.cat([b.next_tokens for b in batches]),
             sampling=SamplingState.concatenate([b.sampling for b in batches]),
         )

@@ -205,7 +205,7 @@ class CompiledDecoder:
         if self._freeze and not torch._inductor.config.freezing:
             torch._inductor.config.freezing = True  # this thread's (see __init__)
         length = cache.length
-        cache.without_spare_rows()  # the graph takes whole buffers, one row per batch row
+        cache.exact_buffers()  # the graph takes whole buffers, one row per batch row
         layers = cache.growable_layers
         for layer in layers:
             layer.reserve(length + 1)

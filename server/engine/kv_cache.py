@@ -5,13 +5,20 @@ in the last ``length - pad[i]`` columns and zeros in the first ``pad[i]`` (maske
 mask). Each decode step appends one column for every row, so ``pad`` stays constant between batch changes.
 
 Unlike ``DynamicCache`` (which concatenates, i.e. copies the whole cache, on every step), each layer keeps a
-preallocated buffer (B, H_kv, capacity, D) and writes the new column in place; attention reads the view
-``[:rows, :, :length]``. The buffer grows by chunks when full. When rows leave, the batch either copies the rows it
-keeps into a new cache (:meth:`BatchKVCache.select`) or moves its last rows into the leavers' places in place
-(:meth:`BatchKVCache.compact`), leaving spare rows at the end of the buffers; newcomers no longer than the running
-rows are then written into those spare rows (:meth:`BatchKVCache.join_in_place`), and otherwise the caches are
-copied into a new one (:meth:`BatchKVCache.concatenate`). With 32 rows of 600 columns a copy moves ~0.9 GB in fp32,
-a pause for every running stream; writing the rows that change does not.
+preallocated buffer (R, H_kv, head + capacity, D) and writes the new column in place; attention reads the view
+``[:rows, :, head : head + length]``. The buffer grows by chunks when full.
+
+Batch changes write only the rows that change. When rows leave, the batch's last rows move into the leavers'
+places (:meth:`BatchKVCache.compact`), leaving spare rows at the end of the buffers, and padding that no kept row
+needs is handed back to the head (:meth:`BatchKVCache.drop_left`). Newcomers are written into spare rows
+(:meth:`BatchKVCache.join_in_place`); one longer than the running rows first takes columns from the head, the
+running rows' padding growing by as much. Only when that does not fit are the caches copied into a new one
+(:meth:`BatchKVCache.concatenate`). With 32 rows of 600 columns a copy moves ~0.9 GB in fp32 into fresh memory,
+a pause of 0.1-3 s for every running stream here; writing the rows that change takes milliseconds.
+
+Room for that (:func:`headroom`): on a CPU, each new buffer gets spare rows and a head of free columns. Memory
+the process never writes costs no RAM there (the pages are mapped on first touch), so the room is free until a
+batch change uses it. On a GPU memory is taken whole when allocated, and a copy is fast: no room is added there.
 """
 
 from __future__ import annotations
@@ -19,29 +26,49 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 GROWTH_CHUNK = 64  # columns added when a buffer is full (amortises the copy over many steps)
+HEAD_COLUMNS = 512  # on a CPU, free columns at least on a new buffer's left: a newcomer this much longer joins in place
+SPARE_ROWS = 8  # on a CPU, spare rows at least in a new buffer (and half its rows, if more)
 
 
 def _round_up(n: int) -> int:
     return -(-n // GROWTH_CHUNK) * GROWTH_CHUNK
 
 
+def headroom(device: torch.device, rows: int, length: int) -> tuple[int, int]:
+    """(spare rows, head columns) to allocate beside ``rows`` rows of ``length`` columns: on a CPU, room for
+    newcomers to join without a copy (see the module docstring); none on other devices."""
+    if device.type != "cpu":
+        return 0, 0
+    return max(SPARE_ROWS, rows // 2), _round_up(max(HEAD_COLUMNS, length))
+
+
 class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """One decoder layer's keys and values: buffers (R, H_kv, capacity, D), the first ``rows`` rows and ``length``
-    columns used (R ≥ rows: the rows past ``rows`` are spare, their contents undefined).
+    """One decoder layer's keys and values.
+
+    ``keys``/``values`` are views (R, H_kv, capacity, D) of buffers with ``head`` more columns on the left: the
+    first ``rows`` rows and ``length`` columns of the views are used (R ≥ rows: the rows past ``rows`` are spare,
+    their contents undefined; so are the head's columns, until :meth:`extend_left` zeroes the ones it takes).
 
     In a used row, the columns past ``length`` hold zeros or keys/values once written there: never uninitialised
-    memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole buffer with
+    memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole view with
     those columns masked, and a masked NaN would still poison the output (0 × NaN).
+
+    ``roomy``: whether new buffers get :func:`headroom` (off for the compiled step, which takes buffers of exactly
+    the used rows and would copy them back out of a roomy one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, roomy: bool = True) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.length = 0
         self.rows = 0
+        self.head = 0
+        self.roomy = roomy
+        self._buffers: tuple[Tensor, Tensor] | None = None  # (R, H_kv, head + capacity, D): what the views are of
 
     @property
     def spare_rows(self) -> int:
@@ -55,20 +82,35 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.device = key_states.device
         self.is_initialized = True
 
+    def allocate(self, batch: int, length: int, spare: int, like_k: Tensor, like_v: Tensor) -> None:
+        """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills, at least ``spare``
+        free columns after them (zeros), and :func:`headroom` if ``roomy``."""
+        spare_rows, head = headroom(like_k.device, batch, length) if self.roomy else (0, 0)
+        cap = _round_up(length + max(spare, 1))
+        shape_k = (batch + spare_rows, like_k.shape[1], head + cap, like_k.shape[-1])
+        shape_v = (batch + spare_rows, like_v.shape[1], head + cap, like_v.shape[-1])
+        buffers = like_k.new_empty(shape_k), like_v.new_empty(shape_v)
+        self._buffers, self.head = buffers, head
+        self.keys, self.values = buffers[0][:, :, head:], buffers[1][:, :, head:]
+        self.keys[:batch, :, length:] = 0  # never garbage (see the class docstring); spare rows stay untouched
+        self.values[:batch, :, length:] = 0
+        self.length = length
+        self.rows = batch
+        self.is_initialized = True
+        self.device = like_k.device
+
     def _reserve(self, needed: int, like_k: Tensor, like_v: Tensor) -> None:
         if self.keys is not None and needed <= self.capacity:
             return
-        heads = like_k.shape[1]
-        batch = self.rows if self.keys is not None else like_k.shape[0]  # spare rows are not carried over
+        old = self.used() if self.keys is not None else None
+        batch = self.rows if old is not None else like_k.shape[0]
+        length = self.length if old is not None else 0
         cap = _round_up(max(needed, self.capacity + self.capacity // 2))
-        keys = like_k.new_empty((batch, heads, cap, like_k.shape[-1]))  # (B, H_kv, cap, D)
-        values = like_v.new_empty((batch, heads, cap, like_v.shape[-1]))
-        if self.keys is not None and self.values is not None and self.length:
-            keys[:, :, : self.length] = self.keys[:batch, :, : self.length]
-            values[:, :, : self.length] = self.values[:batch, :, : self.length]
-        keys[:, :, self.length :] = 0  # columns not in use are zeros, never garbage (see the class docstring)
-        values[:, :, self.length :] = 0
-        self.keys, self.values, self.rows = keys, values, batch
+        self.allocate(batch, length, cap - length, like_k, like_v)
+        if old is not None and length:
+            assert self.keys is not None and self.values is not None
+            self.keys[:batch, :, :length] = old[0]
+            self.values[:batch, :, :length] = old[1]
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` columns (the layer must hold keys already)."""
@@ -104,33 +146,51 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         assert self.keys is not None and self.values is not None
         return self.keys[: self.rows, :, : self.length], self.values[: self.rows, :, : self.length]
 
-    def allocate(self, batch: int, length: int, spare: int, like_k: Tensor, like_v: Tensor) -> None:
-        """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills; the rest are zeros."""
-        heads = like_k.shape[1]
-        cap = _round_up(length + max(spare, 1))
-        self.keys = like_k.new_empty((batch, heads, cap, like_k.shape[-1]))
-        self.values = like_v.new_empty((batch, heads, cap, like_v.shape[-1]))
-        self.keys[:, :, length:] = 0  # never garbage (see the class docstring)
-        self.values[:, :, length:] = 0
-        self.length = length
-        self.rows = batch
-        self.is_initialized = True
-        self.device = like_k.device
+    def _move_view(self, head: int) -> None:
+        assert self._buffers is not None
+        self.head = head
+        self.keys, self.values = self._buffers[0][:, :, head:], self._buffers[1][:, :, head:]
+
+    def extend_left(self, columns: int) -> None:
+        """``columns`` (≤ ``head``) more columns on the left of every used row, zeros: ``length`` grows by as much."""
+        if not 0 <= columns <= self.head:
+            raise ValueError(f"extend_left: {columns} columns with a head of {self.head}")
+        self._move_view(self.head - columns)
+        assert self.keys is not None and self.values is not None
+        self.keys[: self.rows, :, :columns] = 0
+        self.values[: self.rows, :, :columns] = 0
+        self.length += columns
+
+    def drop_left(self, columns: int) -> None:
+        """Hand the first ``columns`` columns (padding in every used row) back to the head: ``length`` shrinks."""
+        if not 0 <= columns <= self.length:
+            raise ValueError(f"drop_left: {columns} columns of {self.length}")
+        self._move_view(self.head + columns)
+        self.length -= columns
 
     def set_used(self, keys: Tensor, values: Tensor, spare: int) -> None:
         """Replace the contents with ``keys``/``values`` (B, H_kv, L, D), leaving ``spare`` free columns."""
         length = keys.shape[2]
         self.allocate(keys.shape[0], length, spare, keys, values)
         assert self.keys is not None and self.values is not None
-        self.keys[:, :, :length] = keys
-        self.values[:, :, :length] = values
+        self.keys[: self.rows, :, :length] = keys
+        self.values[: self.rows, :, :length] = values
+
+    def exact_buffers(self) -> None:
+        """Buffers of exactly the used rows, no head (a copy, when there is room), and no room from now on."""
+        self.roomy = False
+        if self.keys is not None and self.values is not None and (self.spare_rows or self.head):
+            rows = self.rows
+            keys, values = self.keys[:rows].clone(), self.values[:rows].clone()
+            self._buffers, self.head, self.keys, self.values = (keys, values), 0, keys, values
 
 
 class BatchKVCache(Cache):
-    """The KV cache of one engine batch; all layers hold the same ``length`` columns."""
+    """The KV cache of one engine batch; all layers hold the same ``length`` columns. ``roomy``: see
+    :class:`GrowableLayer`."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[GrowableLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, roomy: bool = True) -> None:
+        super().__init__(layers=[GrowableLayer(roomy) for _ in range(num_layers)])
 
     @property
     def growable_layers(self) -> list[GrowableLayer]:
@@ -139,6 +199,10 @@ class BatchKVCache(Cache):
     @property
     def length(self) -> int:
         return self.growable_layers[0].length if self.layers else 0
+
+    @property
+    def roomy(self) -> bool:
+        return all(layer.roomy for layer in self.growable_layers)
 
     def rewind(self, length: int) -> None:
         """Forget every column past ``length`` in every layer (undo a forward that failed part-way)."""
@@ -164,13 +228,26 @@ class BatchKVCache(Cache):
                 layer.values[j] = layer.values[src]
             layer.rows = n
 
+    def drop_left(self, columns: int) -> None:
+        """Forget the first ``columns`` columns, padding in every row, without a copy (see
+        :meth:`GrowableLayer.drop_left`)."""
+        for layer in self.growable_layers:
+            layer.drop_left(columns)
+
     def join_in_place(self, caches: Sequence[BatchKVCache]) -> bool:
-        """Write the rows of ``caches`` into this cache's spare rows, left-padded with zeros to its ``length``; False
-        (nothing changed) when they do not fit: too few spare rows, or a cache longer than this one."""
+        """Write the rows of ``caches`` into this cache's spare rows, left-padded with zeros to the longest
+        ``length``; a cache longer than this one first takes columns from the head (this cache's rows get as many
+        more zero columns on the left). False, with nothing changed, when they do not fit: too few spare rows, or
+        longer than the head allows."""
         count = sum(c.batch_size for c in caches)
         layers = self.growable_layers
-        if not layers or layers[0].spare_rows < count or any(c.length > self.length for c in caches):
+        if not layers or not caches:
             return False
+        extend = max(c.length for c in caches) - self.length
+        if layers[0].spare_rows < count or any(extend > layer.head for layer in layers):
+            return False
+        for layer in layers:
+            layer.extend_left(max(extend, 0))
         length = self.length
         for index, target in enumerate(layers):
             assert target.keys is not None and target.values is not None
@@ -186,12 +263,11 @@ class BatchKVCache(Cache):
             target.rows = at
         return True
 
-    def without_spare_rows(self) -> None:
-        """Buffers of exactly the used rows (a copy, when there are spare rows): for code that reads whole buffers."""
+    def exact_buffers(self) -> None:
+        """Buffers of exactly the used rows, no head, no room later (see :meth:`GrowableLayer.exact_buffers`): for
+        code that reads whole buffers."""
         for layer in self.growable_layers:
-            if layer.spare_rows and layer.keys is not None and layer.values is not None:
-                rows = layer.rows
-                layer.keys, layer.values = layer.keys[:rows].clone(), layer.values[:rows].clone()
+            layer.exact_buffers()
 
     def select(self, rows: Tensor, drop_columns: int, spare: int) -> BatchKVCache:
         """A new cache with ``rows`` (n,) long, without the first ``drop_columns`` columns (padding no kept row
@@ -200,7 +276,7 @@ class BatchKVCache(Cache):
         Each kept run of consecutive rows is copied once, straight into the new buffer: with 32 rows of 600 columns
         this cache is ~0.9 GB in fp32, and every extra pass over it is a pause for every running stream.
         """
-        out = BatchKVCache(len(self.layers))
+        out = BatchKVCache(len(self.layers), self.roomy)
         runs = _runs([int(r) for r in rows.tolist()])
         for mine, theirs in zip(self.growable_layers, out.growable_layers, strict=True):
             keys, values = mine.used()
@@ -219,12 +295,13 @@ class BatchKVCache(Cache):
         """Stack the rows of ``caches`` into one cache, left-padding each to the longest ``length`` with zeros.
 
         Zeros (not garbage) matter: padded columns are masked, but 0 × NaN would still poison attention. Each part
-        is copied once, straight into its rows of the new buffer (no padded copy, no concatenated copy).
+        is copied once, straight into its rows of the new buffer (no padded copy, no concatenated copy). The new
+        cache is roomy as the first one is.
         """
         num_layers = len(caches[0].layers)
         length = max(c.length for c in caches)
         rows = sum(c.batch_size for c in caches)
-        out = cls(num_layers)
+        out = cls(num_layers, caches[0].roomy)
         for index in range(num_layers):
             target = out.growable_layers[index]
             first_k, first_v = caches[0].growable_layers[index].used()

@@ -157,7 +157,8 @@ class ModelRunner:
         prompts = [s.request.prompt_ids for s in states]
         inputs = PrefillInputs.build(prompts, self.pad_id, self.device)
         columns = inputs.columns if not chunk_tokens else max(1, chunk_tokens // len(states))
-        return PrefillJob(list(states), inputs, BatchKVCache(self.num_layers), columns)
+        cache = BatchKVCache(self.num_layers, roomy=self.compiled is None)  # the compiled step wants exact buffers
+        return PrefillJob(list(states), inputs, cache, columns)
 
     def prefill_step(self, job: PrefillJob) -> StepOutcome | None:
         """The next chunk of ``job``: None while columns are left, the prefill's outcome (first tokens, the batch to

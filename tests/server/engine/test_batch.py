@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from hpr.editing import HPREditor
@@ -83,19 +84,28 @@ def test_batch_filter(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
 
 
 @torch.inference_mode()
-def test_batch_concatenate(tiny_loaded: LoadedModel, tiny_editor: HPREditor) -> None:
-    """A running batch and newly prefilled rows (shorter and longer caches) decode together as they would apart."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_batch_concatenate(tiny_loaded: LoadedModel, tiny_editor: HPREditor, in_place: bool) -> None:
+    """A running batch and newly prefilled rows (shorter and longer caches) decode together as they would apart:
+    written into the running cache's spare rows and head (in place), or copied into a new cache (when the running
+    cache has no room)."""
     runner = make_runner(tiny_loaded, tiny_editor)
     texts_a = ["first running request", "second"]
     texts_b = ["a newcomer with a rather long prompt indeed", "new"]
-    a_alone = prefill(runner, make_states(tiny_loaded, tiny_editor, texts_a))
-    a_alone, _ = decode_logits(runner, a_alone, 2)
-    b_alone = prefill(runner, make_states(tiny_loaded, tiny_editor, texts_b))
-    joined = Batch.concatenate([a_alone, b_alone])  # copies: a_alone and b_alone stay usable
+    a_alone, a_ref = (prefill(runner, make_states(tiny_loaded, tiny_editor, texts_a)) for _ in range(2))
+    (a_alone, _), (a_ref, _) = decode_logits(runner, a_alone, 2), decode_logits(runner, a_ref, 2)
+    b_alone, b_ref = (prefill(runner, make_states(tiny_loaded, tiny_editor, texts_b)) for _ in range(2))
+    assert b_alone.length > a_alone.length  # the newcomers' cache is longer: in place, it takes head columns
+    if not in_place:
+        a_alone.cache.exact_buffers()  # no spare rows, no head
+    storage = a_alone.cache.growable_layers[0].keys.untyped_storage().data_ptr()  # type: ignore[union-attr]
+    joined = Batch.concatenate([a_alone, b_alone])
     assert len(joined) == 4
     assert joined.length == max(a_alone.length, b_alone.length)
+    keys = joined.cache.growable_layers[0].keys
+    assert keys is not None and (keys.untyped_storage().data_ptr() == storage) == in_place
     _, together = decode_logits(runner, joined, 3)
-    _, apart_a = decode_logits(runner, a_alone, 3)
-    _, apart_b = decode_logits(runner, b_alone, 3)
+    _, apart_a = decode_logits(runner, a_ref, 3)
+    _, apart_b = decode_logits(runner, b_ref, 3)
     for got, want_a, want_b in zip(together, apart_a, apart_b, strict=True):
         torch.testing.assert_close(got, torch.cat([want_a, want_b]), atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from hpr.editing import EditPlan, EditSpec, HPREditor
 from hpr.model import LoadedModel
 from server.engine.engine import Engine
-from server.engine.kv_cache import BatchKVCache
+from server.engine.kv_cache import BatchKVCache, GrowableLayer
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 from tests.server.engine.conftest import StepSizes, collect, joined, run
 
@@ -367,3 +368,58 @@ def test_rows_that_finish_leave_room_that_newcomers_take_in_place(
         assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
     if not compile_decode:
         assert True in joins  # the newcomers took the spare rows in place
+
+
+def test_longer_newcomers_join_in_place_through_the_head(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rows with short prompts run; nobody has left, so the room is the buffers' own (spare rows, head). Two
+    newcomers with longer prompts join: in place, the running rows get more left padding from the head
+    (``GrowableLayer.extend_left``). Then the short rows and the longest newcomer finish, and the padding the
+    last row does not need goes back to the head (``drop_left``). Every request still gets what it gets alone
+    (eager; the compiled step's buffers have no room, so it joins by a copy and must match too)."""
+    calls: dict[str, list[int]] = {"extend_left": [], "drop_left": []}
+    for name, method in [(n, getattr(GrowableLayer, n)) for n in calls]:
+
+        def counted(self: GrowableLayer, columns: int, _name: str = name, _method: Any = method) -> None:
+            calls[_name].append(columns)
+            _method(self, columns)
+
+        monkeypatch.setattr(GrowableLayer, name, counted)
+    cases = edit_cases(tiny_editor)
+    encode = tiny_loaded.tokenizer.encode
+    first = [(encode("Hi"), cases[1], 6), (encode("x"), None, 8)]
+    long_prompt = encode("Once upon a time, in a land far away, there lived a cat who liked the sea")
+    later = [(long_prompt, cases[2], 10), (long_prompt[:-4], cases[6], 20)]  # the longest leaves first
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
+        engine.start()
+        started = asyncio.Event()
+
+        async def watched(request: GenerationRequest) -> list[GenerationOutput]:
+            outputs = []
+            async for output in engine.generate(request):
+                outputs.append(output)
+                if len(outputs) >= 2:
+                    started.set()
+            return outputs
+
+        try:
+            tasks = [asyncio.create_task(watched(greedy(f"r{i}", p, e, steps=n))) for i, (p, e, n) in enumerate(first)]
+            await started.wait()  # the short rows are decoding
+            assert not any(task.done() for task in tasks)
+            tasks += [
+                asyncio.create_task(collect(engine, greedy(f"n{i}", p, e, steps=n)))
+                for i, (p, e, n) in enumerate(later)
+            ]
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for (prompt, spec, steps), outputs in zip(first + later, results, strict=True):
+        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
+    if not compile_decode:
+        assert max(calls["extend_left"]) > 0  # the running rows took head columns
+        assert max(calls["drop_left"]) > 0  # and gave them back when the short rows left

@@ -1,21 +1,41 @@
-"""server/engine/kv_cache.py: rows joined and kept are copied exactly, padding and spare columns are zeros."""
+"""server/engine/kv_cache.py: rows joined and kept are copied exactly, padding and spare columns are zeros, and
+batch changes that fit the buffers' room write in place."""
 
 from __future__ import annotations
+
+import gc
+import resource
 
 import pytest
 import torch
 
 from server.engine.batch import fill_order
-from server.engine.kv_cache import BatchKVCache, _runs
+from server.engine.kv_cache import HEAD_COLUMNS, SPARE_ROWS, BatchKVCache, GrowableLayer, _runs, headroom
 
 
-def random_cache(rows: int, length: int, layers: int = 3, seed: int = 0) -> BatchKVCache:
+def random_cache(rows: int, length: int, layers: int = 3, seed: int = 0, roomy: bool = True) -> BatchKVCache:
     generator = torch.Generator().manual_seed(seed)
-    cache = BatchKVCache(layers)
+    cache = BatchKVCache(layers, roomy=roomy)
     for layer in cache.growable_layers:
         keys = torch.randn(rows, 2, length, 4, generator=generator)
         layer.set_used(keys, torch.randn(rows, 2, length, 4, generator=generator), spare=5)
     return cache
+
+
+def _snapshot(cache: BatchKVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's used keys and values, copied: the reference the in-place operations are checked against."""
+    return [(k.clone(), v.clone()) for k, v in (layer.used() for layer in cache.growable_layers)]
+
+
+def _storage(layer: GrowableLayer) -> int:
+    assert layer.keys is not None
+    return layer.keys.untyped_storage().data_ptr()
+
+
+def _used_rows_zero_past_length(layer: GrowableLayer) -> bool:
+    assert layer.keys is not None and layer.values is not None
+    rows, length = layer.rows, layer.length
+    return not layer.keys[:rows, :, length:].any() and not layer.values[:rows, :, length:].any()
 
 
 def test_runs_group_consecutive_rows() -> None:
@@ -24,55 +44,66 @@ def test_runs_group_consecutive_rows() -> None:
     assert _runs([]) == []
 
 
+def test_headroom_on_a_cpu_only() -> None:
+    assert headroom(torch.device("cpu"), 4, 100) == (SPARE_ROWS, HEAD_COLUMNS)
+    assert headroom(torch.device("cpu"), 40, 700) == (20, 704)  # half the rows; the length, rounded up to 64
+    assert headroom(torch.device("cuda"), 40, 700) == (0, 0)  # a GPU allocates memory whole: no room there
+
+
+def test_a_new_buffer_has_spare_rows_and_a_head_unless_not_roomy() -> None:
+    roomy, exact = random_cache(3, 7, seed=1), random_cache(3, 7, seed=1, roomy=False)
+    for layer in roomy.growable_layers:
+        assert layer.spare_rows == SPARE_ROWS and layer.head == HEAD_COLUMNS and layer.capacity >= 7 + 5
+    for layer in exact.growable_layers:
+        assert layer.spare_rows == 0 and layer.head == 0
+    for (rk, rv), (ek, ev) in zip(_snapshot(roomy), _snapshot(exact), strict=True):
+        assert torch.equal(rk, ek) and torch.equal(rv, ev)
+
+
 def test_concatenate_left_pads_with_zeros_and_keeps_every_value() -> None:
     a, b = random_cache(3, 7, seed=1), random_cache(2, 4, seed=2)
     joined = BatchKVCache.concatenate([a, b], spare=6)
     assert joined.length == 7 and joined.batch_size == 5
     for index, layer in enumerate(joined.growable_layers):
+        used = dict(zip(("keys", "values"), layer.used(), strict=True))
         for name in ("keys", "values"):
-            got = getattr(layer, name)
-            ka = getattr(a.growable_layers[index], name)[:, :, :7]
-            kb = getattr(b.growable_layers[index], name)[:, :, :4]
+            ka = getattr(a.growable_layers[index], name)[:3, :, :7]
+            kb = getattr(b.growable_layers[index], name)[:2, :, :4]
             # Reference built by hand: b left-padded by 3 zero columns, rows stacked.
             expected = torch.cat([ka, torch.cat([torch.zeros(2, 2, 3, 4), kb], dim=2)])
-            assert torch.equal(got[:, :, :7], expected)
-            assert got.shape[2] >= 7 + 6 and not got[:, :, 7:].any()  # spare columns: zeros
+            assert torch.equal(used[name], expected)
+        assert layer.capacity >= 7 + 6 and _used_rows_zero_past_length(layer)  # spare columns: zeros
+        assert layer.spare_rows == SPARE_ROWS and layer.head == HEAD_COLUMNS
+    exact = BatchKVCache.concatenate([random_cache(3, 7, roomy=False), b], spare=6)
+    assert all(layer.spare_rows == 0 and layer.head == 0 for layer in exact.growable_layers)  # as the first cache
 
 
 def test_select_keeps_rows_in_order_drops_columns_and_leaves_the_source_unchanged() -> None:
     cache = random_cache(6, 9, seed=3)
-    before = [layer.keys.clone() for layer in cache.growable_layers if layer.keys is not None]
+    before = _snapshot(cache)
     rows = torch.tensor([4, 0, 1, 2, 5])
     kept = cache.select(rows, drop_columns=2, spare=3)
     assert kept.length == 7 and kept.batch_size == 5
-    for index, layer in enumerate(kept.growable_layers):
-        source = cache.growable_layers[index]
-        assert source.keys is not None and source.values is not None and layer.values is not None
-        for got, src in ((layer.keys, source.keys), (layer.values, source.values)):
-            assert got is not None
-            expected = torch.stack([src[r, :, 2:9] for r in [4, 0, 1, 2, 5]])
-            assert torch.equal(got[:, :, :7], expected)
-            assert got.shape[2] >= 7 + 3 and not got[:, :, 7:].any()
-        assert torch.equal(source.keys, before[index])
-
-
-def _snapshot(cache: BatchKVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's used keys and values, copied: the reference the in-place operations are checked against."""
-    return [(k.clone(), v.clone()) for k, v in (layer.used() for layer in cache.growable_layers)]
+    for layer, (keys, values) in zip(kept.growable_layers, before, strict=True):
+        got_k, got_v = layer.used()
+        assert torch.equal(got_k, torch.stack([keys[r, :, 2:9] for r in [4, 0, 1, 2, 5]]))
+        assert torch.equal(got_v, torch.stack([values[r, :, 2:9] for r in [4, 0, 1, 2, 5]]))
+        assert layer.capacity >= 7 + 3 and _used_rows_zero_past_length(layer)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(_snapshot(cache), before, strict=True))
 
 
 def test_compact_moves_only_the_tail_rows_into_the_leavers_places() -> None:
     cache = random_cache(6, 9, seed=4)
     before = _snapshot(cache)
-    buffers = [layer.keys for layer in cache.growable_layers]
+    storages = [_storage(layer) for layer in cache.growable_layers]
     cache.compact([0, 5, 2, 3])  # rows 1 and 4 leave; row 5 takes row 1's place
     assert cache.batch_size == 4 and cache.length == 9
-    for layer, (keys, values), buffer in zip(cache.growable_layers, before, buffers, strict=True):
-        assert layer.keys is buffer  # in place: no new buffer
-        assert layer.spare_rows == 2
+    for layer, (keys, values), storage in zip(cache.growable_layers, before, storages, strict=True):
+        assert _storage(layer) == storage  # in place: no new buffer
+        assert layer.spare_rows == SPARE_ROWS + 2
         got_k, got_v = layer.used()
         assert torch.equal(got_k, keys[[0, 5, 2, 3]]) and torch.equal(got_v, values[[0, 5, 2, 3]])
-        assert not layer.keys[:4, :, 9:].any()  # a used row's spare columns stay zeros
+        assert _used_rows_zero_past_length(layer)  # a used row's spare columns stay zeros
 
 
 def test_compact_refuses_an_order_that_would_overwrite_a_source() -> None:
@@ -84,7 +115,7 @@ def test_compact_refuses_an_order_that_would_overwrite_a_source() -> None:
 
 
 def test_join_in_place_fills_spare_rows_left_padded_with_zeros() -> None:
-    cache = random_cache(5, 9, seed=6)
+    cache = random_cache(5, 9, seed=6, roomy=False)
     cache.compact([0, 4, 2])  # 2 spare rows
     for layer in cache.growable_layers:  # a spare row's contents are undefined: say, an old row's later columns
         assert layer.keys is not None and layer.values is not None
@@ -93,26 +124,85 @@ def test_join_in_place_fills_spare_rows_left_padded_with_zeros() -> None:
     running = _snapshot(cache)
     newcomer = random_cache(1, 4, seed=7)
     new = _snapshot(newcomer)
-    buffers = [layer.keys for layer in cache.growable_layers]
+    storages = [_storage(layer) for layer in cache.growable_layers]
     assert cache.join_in_place([newcomer])
     assert cache.batch_size == 4 and cache.length == 9
-    for layer, (keys, values), (nk, nv), buffer in zip(cache.growable_layers, running, new, buffers, strict=True):
-        assert layer.keys is buffer and layer.spare_rows == 1
+    for layer, (keys, values), (nk, nv), storage in zip(cache.growable_layers, running, new, storages, strict=True):
+        assert _storage(layer) == storage and layer.spare_rows == 1
         got_k, got_v = layer.used()
         # Hand-built reference: the newcomer left-padded by 5 zero columns under the running rows.
         assert torch.equal(got_k, torch.cat([keys, torch.cat([torch.zeros(1, 2, 5, 4), nk], dim=2)]))
         assert torch.equal(got_v, torch.cat([values, torch.cat([torch.zeros(1, 2, 5, 4), nv], dim=2)]))
-        assert not layer.keys[3, :, 9:].any() and not layer.values[3, :, 9:].any()
+        assert _used_rows_zero_past_length(layer)
+
+
+def test_a_longer_newcomer_takes_columns_from_the_head_in_place() -> None:
+    cache = random_cache(3, 6, seed=13)
+    for layer in cache.growable_layers:  # the head's contents are undefined until taken: say, garbage
+        assert layer._buffers is not None
+        layer._buffers[0][:, :, : layer.head] = float("nan")
+        layer._buffers[1][:, :, : layer.head] = float("nan")
+    running = _snapshot(cache)
+    newcomers = [random_cache(2, 10, seed=14), random_cache(1, 8, seed=15)]
+    new = [_snapshot(c) for c in newcomers]
+    storages = [_storage(layer) for layer in cache.growable_layers]
+    assert cache.join_in_place(newcomers)
+    assert cache.batch_size == 6 and cache.length == 10
+    for index, layer in enumerate(cache.growable_layers):
+        assert layer.keys is not None and layer.keys.untyped_storage().data_ptr() == storages[index]
+        assert layer.head == HEAD_COLUMNS - 4 and layer.spare_rows == SPARE_ROWS - 3
+        # Hand-built reference: the running rows get 4 zero columns on the left, the 8-column newcomer 2.
+        expected = [
+            torch.cat(
+                [
+                    torch.cat([torch.zeros(3, 2, 4, 4), running[index][which]], dim=2),
+                    new[0][index][which],
+                    torch.cat([torch.zeros(1, 2, 2, 4), new[1][index][which]], dim=2),
+                ]
+            )
+            for which in (0, 1)
+        ]
+        assert torch.equal(layer.used()[0], expected[0]) and torch.equal(layer.used()[1], expected[1])
+        assert _used_rows_zero_past_length(layer)
+        step = torch.randn(6, 2, 1, 4)  # the next column lands after the used ones
+        keys, _ = layer.update(step, step.clone())
+        assert torch.equal(keys[:, :, :10], expected[0]) and torch.equal(keys[:, :, 10:], step)
 
 
 def test_join_in_place_refuses_what_does_not_fit_and_changes_nothing() -> None:
-    cache = random_cache(4, 6, seed=8)
-    cache.compact([0, 3, 2])  # 1 spare row
+    cache = random_cache(4, 6, seed=8, roomy=False)
+    cache.compact([0, 3, 2])  # 1 spare row, no head
+    roomy = random_cache(3, 6, seed=8)  # SPARE_ROWS spare rows, a head of HEAD_COLUMNS
+    cases = [
+        (cache, [random_cache(1, 7, seed=9)]),  # longer, no head
+        (cache, [random_cache(2, 3, seed=10)]),  # more rows than spare
+        (roomy, [random_cache(1, 6 + HEAD_COLUMNS + 1, seed=11)]),  # longer than the head allows
+        (roomy, [random_cache(SPARE_ROWS + 1, 3, seed=12)]),
+    ]
+    for target, newcomers in cases:
+        before, heads = _snapshot(target), [layer.head for layer in target.growable_layers]
+        assert not target.join_in_place(newcomers)
+        assert target.batch_size == before[0][0].shape[0] and target.length == 6
+        assert [layer.head for layer in target.growable_layers] == heads
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(_snapshot(target), before, strict=True))
+
+
+def test_drop_left_hands_padding_back_to_the_head_without_a_copy() -> None:
+    cache = random_cache(3, 9, seed=16)
     before = _snapshot(cache)
-    for newcomers in ([random_cache(1, 7, seed=9)], [random_cache(2, 3, seed=10)]):  # longer; too many rows
-        assert not cache.join_in_place(newcomers)
-        assert cache.batch_size == 3
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(_snapshot(cache), before, strict=True))
+    storages = [_storage(layer) for layer in cache.growable_layers]
+    capacity = cache.growable_layers[0].capacity
+    cache.drop_left(4)
+    assert cache.length == 5
+    for layer, (keys, values), storage in zip(cache.growable_layers, before, storages, strict=True):
+        assert _storage(layer) == storage and layer.head == HEAD_COLUMNS + 4 and layer.capacity == capacity - 4
+        assert torch.equal(layer.used()[0], keys[:, :, 4:]) and torch.equal(layer.used()[1], values[:, :, 4:])
+        layer.extend_left(2)  # taken back: zeros, not the old columns
+        assert torch.equal(layer.used()[0], torch.cat([torch.zeros(3, 2, 2, 4), keys[:, :, 4:]], dim=2))
+    with pytest.raises(ValueError, match="drop_left: 8 columns of 7"):
+        cache.growable_layers[0].drop_left(8)
+    with pytest.raises(ValueError, match="extend_left"):
+        cache.growable_layers[0].extend_left(HEAD_COLUMNS + 3)
 
 
 def test_after_compact_appends_and_growth_use_the_kept_rows_only() -> None:
@@ -123,20 +213,47 @@ def test_after_compact_appends_and_growth_use_the_kept_rows_only() -> None:
     capacity = layer.capacity
     step = torch.randn(2, 2, capacity - 9 + 1, 4)  # one column past the capacity: the buffer grows
     keys, _ = layer.update(step, step.clone())
-    assert keys.shape == (2, 2, capacity + 1, 4) and layer.spare_rows == 0
+    assert keys.shape == (2, 2, capacity + 1, 4) and layer.capacity > capacity
+    assert layer.spare_rows == SPARE_ROWS and layer.head == HEAD_COLUMNS  # a new buffer: new room
     assert torch.equal(keys[:, :, :9], before[0][0]) and torch.equal(keys[:, :, 9:], step)
+    assert _used_rows_zero_past_length(layer)
     with pytest.raises(ValueError, match="3 rows of keys for a cache of 2 rows"):
         layer.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
 
 
-def test_without_spare_rows_gives_buffers_of_the_used_rows() -> None:
+def test_exact_buffers_hold_the_used_rows_only_and_stay_so() -> None:
     cache = random_cache(4, 6, seed=12)
     cache.compact([0, 3])
+    cache.drop_left(1)
     before = _snapshot(cache)
-    cache.without_spare_rows()
+    cache.exact_buffers()
+    assert not cache.roomy
     for layer, (keys, _values) in zip(cache.growable_layers, before, strict=True):
-        assert layer.keys is not None and layer.keys.shape[0] == 2 and layer.spare_rows == 0
-        assert torch.equal(layer.used()[0], keys)
+        assert layer.keys is not None and layer.keys.shape[0] == 2 and layer.spare_rows == 0 and layer.head == 0
+        assert layer.keys.is_contiguous() and torch.equal(layer.used()[0], keys)
+        layer.reserve(layer.capacity + 1)  # growth keeps them exact
+        assert layer.spare_rows == 0 and layer.head == 0 and torch.equal(layer.used()[0], keys)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def test_room_costs_no_memory_until_used() -> None:
+    """Independent of the cache's own accounting: the process's resident memory. Roomy buffers for 8 used rows of
+    64 columns in 30 layers (47 MB written: the used columns and 64 zeroed free ones) reserve 8 spare rows and 512
+    head columns (472 MB in all); only the written part may become resident."""
+    gc.collect()
+    like = torch.zeros(1, 3, 1, 64)
+    start = _rss_bytes()
+    layers = [GrowableLayer() for _ in range(30)]
+    for layer in layers:
+        layer.allocate(8, 64, 64, like, like)
+    used = 30 * 2 * 8 * 3 * 128 * 64 * 4  # rows × heads × zeroed capacity (64 used + 64 spare columns) × D × fp32
+    reserved = sum(2 * layer._buffers[0].numel() * 4 for layer in layers if layer._buffers is not None)
+    assert reserved > 9 * used
+    assert _rss_bytes() - start < used + 8 * 2**20
 
 
 def test_fill_order_keeps_rows_in_place_and_fills_holes_from_the_tail() -> None:
