@@ -405,7 +405,7 @@ class Engine:
             if completion is not None:  # stopped by a stop string: the consumer waits for this last event
                 events.append((state, EngineEvent(finish_reason="stop", edit_stats=state.edit_stats())))
         self._deliver(events)
-        return batch.filter(keep)
+        return batch.filter(keep, in_place=True)  # `batch` is replaced by it: rows move, the cache is not copied
 
     def _observe_tokens(self, outcome: StepOutcome) -> None:
         if self.observer is None:

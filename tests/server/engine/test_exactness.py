@@ -423,3 +423,43 @@ def test_longer_newcomers_join_in_place_through_the_head(
     if not compile_decode:
         assert max(calls["extend_left"]) > 0  # the running rows took head columns
         assert max(calls["drop_left"]) > 0  # and gave them back when the short rows left
+
+
+def test_a_cancelled_row_leaves_in_place_and_the_others_match_alone(
+    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client goes away mid-stream (its stream closed): the engine drops its row in place (the batch's last row
+    takes its place, :meth:`Batch.filter` with ``in_place``), never copying the cache (``BatchKVCache.select``),
+    and every other request still gets what it gets alone."""
+    copies: list[int] = []
+    select = BatchKVCache.select
+
+    def counted(self: BatchKVCache, rows: torch.Tensor, drop_columns: int, spare: int) -> BatchKVCache:
+        copies.append(len(rows))
+        return select(self, rows, drop_columns, spare)
+
+    monkeypatch.setattr(BatchKVCache, "select", counted)
+    cases = edit_cases(tiny_editor)
+    prompts = prompts_for(tiny_loaded, 4)
+    specs = [cases[1], cases[2], None, cases[6]]
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
+        engine.start()
+        try:
+            leaver = engine.generate(greedy("leaver", prompts[0], specs[0], steps=10_000))
+            tasks = [
+                asyncio.create_task(collect(engine, greedy(f"r{i}", p, e, steps=12)))
+                for i, (p, e) in enumerate(zip(prompts[1:], specs[1:], strict=True), start=1)
+            ]
+            for _ in range(3):  # the leaver decodes beside the others, then its client goes away
+                await leaver.__anext__()
+            await leaver.aclose()
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for prompt, spec, outputs in zip(prompts[1:], specs[1:], results, strict=True):
+        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=12))
+    assert copies == []  # the leaver's row was dropped in place
