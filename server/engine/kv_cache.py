@@ -18,7 +18,9 @@ a pause of 0.1-3 s for every running stream here; writing the rows that change t
 
 Room for that (:func:`headroom`): on a CPU, each new buffer gets spare rows and a head of free columns. Memory
 the process never writes costs no RAM there (the pages are mapped on first touch), so the room is free until a
-batch change uses it. On a GPU memory is taken whole when allocated, and a copy is fast: no room is added there.
+batch change uses it; for the same reason the eager step's buffers leave the columns past ``length`` unwritten
+(the compiled step's, which it reads whole, hold zeros there). On a GPU memory is taken whole when allocated, and
+a copy is fast: no room is added there. Measured in docs/benchmarks.md ("Batch changes without a copy").
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 GROWTH_CHUNK = 64  # columns added when a buffer is full (amortises the copy over many steps)
-HEAD_COLUMNS = 512  # on a CPU, free columns at least on a new buffer's left: a newcomer this much longer joins in place
-SPARE_ROWS = 8  # on a CPU, spare rows at least in a new buffer (and half its rows, if more)
+HEAD_COLUMNS = 512  # on a CPU, free columns on a new buffer's left: a newcomer up to this much longer joins in place
+SPARE_ROWS = 8  # on a CPU, spare rows at least in a new buffer (and a quarter of its rows, if more)
 
 
 def _round_up(n: int) -> int:
@@ -44,7 +46,7 @@ def headroom(device: torch.device, rows: int, length: int) -> tuple[int, int]:
     newcomers to join without a copy (see the module docstring); none on other devices."""
     if device.type != "cpu":
         return 0, 0
-    return max(SPARE_ROWS, rows // 2), _round_up(max(HEAD_COLUMNS, length))
+    return max(SPARE_ROWS, rows // 4), HEAD_COLUMNS
 
 
 class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
@@ -54,12 +56,12 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     first ``rows`` rows and ``length`` columns of the views are used (R ≥ rows: the rows past ``rows`` are spare,
     their contents undefined; so are the head's columns, until :meth:`extend_left` zeroes the ones it takes).
 
-    In a used row, the columns past ``length`` hold zeros or keys/values once written there: never uninitialised
-    memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole view with
-    those columns masked, and a masked NaN would still poison the output (0 × NaN).
-
-    ``roomy``: whether new buffers get :func:`headroom` (off for the compiled step, which takes buffers of exactly
-    the used rows and would copy them back out of a roomy one).
+    ``roomy``: whether new buffers get :func:`headroom`. Off for the compiled step (:mod:`server.engine.compiled`),
+    which takes buffers of exactly the used rows and attends over all their columns, masked: there the columns past
+    ``length`` hold zeros (or keys/values once written there), never uninitialised memory, since a masked NaN
+    would still poison the output (0 × NaN). The eager step reads only the used columns, so a roomy buffer leaves
+    the columns past ``length`` unwritten: untouched, they cost no RAM either. Padding columns (before a row's
+    tokens, inside ``length``) are zeros in both.
     """
 
     def __init__(self, roomy: bool = True) -> None:
@@ -84,7 +86,7 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 
     def allocate(self, batch: int, length: int, spare: int, like_k: Tensor, like_v: Tensor) -> None:
         """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills, at least ``spare``
-        free columns after them (zeros), and :func:`headroom` if ``roomy``."""
+        free columns after them, and :func:`headroom` if ``roomy`` (else the free columns are zeros)."""
         spare_rows, head = headroom(like_k.device, batch, length) if self.roomy else (0, 0)
         cap = _round_up(length + max(spare, 1))
         shape_k = (batch + spare_rows, like_k.shape[1], head + cap, like_k.shape[-1])
@@ -92,8 +94,9 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         buffers = like_k.new_empty(shape_k), like_v.new_empty(shape_v)
         self._buffers, self.head = buffers, head
         self.keys, self.values = buffers[0][:, :, head:], buffers[1][:, :, head:]
-        self.keys[:batch, :, length:] = 0  # never garbage (see the class docstring); spare rows stay untouched
-        self.values[:batch, :, length:] = 0
+        if not self.roomy:  # never garbage for the compiled step (see the class docstring)
+            self.keys[:batch, :, length:] = 0
+            self.values[:batch, :, length:] = 0
         self.length = length
         self.rows = batch
         self.is_initialized = True
@@ -177,12 +180,16 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.values[: self.rows, :, :length] = values
 
     def exact_buffers(self) -> None:
-        """Buffers of exactly the used rows, no head (a copy, when there is room), and no room from now on."""
+        """Buffers of exactly the used rows, no head, zeros past ``length`` (a copy, unless already so), and no room
+        from now on."""
+        if self.keys is not None and self.values is not None and (self.roomy or self.spare_rows or self.head):
+            used = self.used()
+            self.roomy = False
+            self.allocate(self.rows, self.length, self.capacity - self.length, self.keys, self.values)
+            assert self.keys is not None and self.values is not None
+            self.keys[:, :, : self.length] = used[0]
+            self.values[:, :, : self.length] = used[1]
         self.roomy = False
-        if self.keys is not None and self.values is not None and (self.spare_rows or self.head):
-            rows = self.rows
-            keys, values = self.keys[:rows].clone(), self.values[:rows].clone()
-            self._buffers, self.head, self.keys, self.values = (keys, values), 0, keys, values
 
 
 class BatchKVCache(Cache):
@@ -258,7 +265,8 @@ class BatchKVCache(Cache):
                 for buffer, part in ((target.keys, keys), (target.values, values)):
                     buffer[at : at + b, :, :missing] = 0
                     buffer[at : at + b, :, missing:length] = part
-                    buffer[at : at + b, :, length:] = 0  # never garbage (see GrowableLayer)
+                    if not target.roomy:
+                        buffer[at : at + b, :, length:] = 0  # never garbage (see GrowableLayer)
                 at += b
             target.rows = at
         return True

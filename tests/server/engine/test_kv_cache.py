@@ -32,10 +32,18 @@ def _storage(layer: GrowableLayer) -> int:
     return layer.keys.untyped_storage().data_ptr()
 
 
-def _used_rows_zero_past_length(layer: GrowableLayer) -> bool:
+def _zeros_past_length_unless_roomy(layer: GrowableLayer) -> bool:
+    """The compiled step's invariant (exact buffers): a used row's columns past ``length`` are zeros. A roomy
+    buffer leaves them unwritten (the eager step never reads them)."""
     assert layer.keys is not None and layer.values is not None
     rows, length = layer.rows, layer.length
-    return not layer.keys[:rows, :, length:].any() and not layer.values[:rows, :, length:].any()
+    return layer.roomy or (not layer.keys[:rows, :, length:].any() and not layer.values[:rows, :, length:].any())
+
+
+@pytest.fixture
+def nan_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh buffers full of NaN, as uninitialised memory may be: what must be zeros is then written."""
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, size, **_: torch.full(size, float("nan")))
 
 
 def test_runs_group_consecutive_rows() -> None:
@@ -46,7 +54,7 @@ def test_runs_group_consecutive_rows() -> None:
 
 def test_headroom_on_a_cpu_only() -> None:
     assert headroom(torch.device("cpu"), 4, 100) == (SPARE_ROWS, HEAD_COLUMNS)
-    assert headroom(torch.device("cpu"), 40, 700) == (20, 704)  # half the rows; the length, rounded up to 64
+    assert headroom(torch.device("cpu"), 40, 700) == (10, HEAD_COLUMNS)  # a quarter of the rows
     assert headroom(torch.device("cuda"), 40, 700) == (0, 0)  # a GPU allocates memory whole: no room there
 
 
@@ -60,8 +68,9 @@ def test_a_new_buffer_has_spare_rows_and_a_head_unless_not_roomy() -> None:
         assert torch.equal(rk, ek) and torch.equal(rv, ev)
 
 
-def test_concatenate_left_pads_with_zeros_and_keeps_every_value() -> None:
-    a, b = random_cache(3, 7, seed=1), random_cache(2, 4, seed=2)
+@pytest.mark.parametrize("roomy", [True, False])
+def test_concatenate_left_pads_with_zeros_and_keeps_every_value(roomy: bool, nan_memory: None) -> None:
+    a, b = random_cache(3, 7, seed=1, roomy=roomy), random_cache(2, 4, seed=2)
     joined = BatchKVCache.concatenate([a, b], spare=6)
     assert joined.length == 7 and joined.batch_size == 5
     for index, layer in enumerate(joined.growable_layers):
@@ -72,14 +81,16 @@ def test_concatenate_left_pads_with_zeros_and_keeps_every_value() -> None:
             # Reference built by hand: b left-padded by 3 zero columns, rows stacked.
             expected = torch.cat([ka, torch.cat([torch.zeros(2, 2, 3, 4), kb], dim=2)])
             assert torch.equal(used[name], expected)
-        assert layer.capacity >= 7 + 6 and _used_rows_zero_past_length(layer)  # spare columns: zeros
-        assert layer.spare_rows == SPARE_ROWS and layer.head == HEAD_COLUMNS
-    exact = BatchKVCache.concatenate([random_cache(3, 7, roomy=False), b], spare=6)
-    assert all(layer.spare_rows == 0 and layer.head == 0 for layer in exact.growable_layers)  # as the first cache
+        assert layer.capacity >= 7 + 6 and _zeros_past_length_unless_roomy(layer)
+        assert layer.roomy == roomy  # as the first cache
+        assert (layer.spare_rows, layer.head) == ((SPARE_ROWS, HEAD_COLUMNS) if roomy else (0, 0))
 
 
-def test_select_keeps_rows_in_order_drops_columns_and_leaves_the_source_unchanged() -> None:
-    cache = random_cache(6, 9, seed=3)
+@pytest.mark.parametrize("roomy", [True, False])
+def test_select_keeps_rows_in_order_drops_columns_and_leaves_the_source_unchanged(
+    roomy: bool, nan_memory: None
+) -> None:
+    cache = random_cache(6, 9, seed=3, roomy=roomy)
     before = _snapshot(cache)
     rows = torch.tensor([4, 0, 1, 2, 5])
     kept = cache.select(rows, drop_columns=2, spare=3)
@@ -88,7 +99,7 @@ def test_select_keeps_rows_in_order_drops_columns_and_leaves_the_source_unchange
         got_k, got_v = layer.used()
         assert torch.equal(got_k, torch.stack([keys[r, :, 2:9] for r in [4, 0, 1, 2, 5]]))
         assert torch.equal(got_v, torch.stack([values[r, :, 2:9] for r in [4, 0, 1, 2, 5]]))
-        assert layer.capacity >= 7 + 3 and _used_rows_zero_past_length(layer)
+        assert layer.capacity >= 7 + 3 and _zeros_past_length_unless_roomy(layer) and layer.roomy == roomy
     assert all(torch.equal(a[0], b[0]) for a, b in zip(_snapshot(cache), before, strict=True))
 
 
@@ -103,7 +114,7 @@ def test_compact_moves_only_the_tail_rows_into_the_leavers_places() -> None:
         assert layer.spare_rows == SPARE_ROWS + 2
         got_k, got_v = layer.used()
         assert torch.equal(got_k, keys[[0, 5, 2, 3]]) and torch.equal(got_v, values[[0, 5, 2, 3]])
-        assert _used_rows_zero_past_length(layer)  # a used row's spare columns stay zeros
+        assert _zeros_past_length_unless_roomy(layer)
 
 
 def test_compact_refuses_an_order_that_would_overwrite_a_source() -> None:
@@ -133,7 +144,7 @@ def test_join_in_place_fills_spare_rows_left_padded_with_zeros() -> None:
         # Hand-built reference: the newcomer left-padded by 5 zero columns under the running rows.
         assert torch.equal(got_k, torch.cat([keys, torch.cat([torch.zeros(1, 2, 5, 4), nk], dim=2)]))
         assert torch.equal(got_v, torch.cat([values, torch.cat([torch.zeros(1, 2, 5, 4), nv], dim=2)]))
-        assert _used_rows_zero_past_length(layer)
+        assert _zeros_past_length_unless_roomy(layer)
 
 
 def test_a_longer_newcomer_takes_columns_from_the_head_in_place() -> None:
@@ -163,7 +174,7 @@ def test_a_longer_newcomer_takes_columns_from_the_head_in_place() -> None:
             for which in (0, 1)
         ]
         assert torch.equal(layer.used()[0], expected[0]) and torch.equal(layer.used()[1], expected[1])
-        assert _used_rows_zero_past_length(layer)
+        assert _zeros_past_length_unless_roomy(layer)
         step = torch.randn(6, 2, 1, 4)  # the next column lands after the used ones
         keys, _ = layer.update(step, step.clone())
         assert torch.equal(keys[:, :, :10], expected[0]) and torch.equal(keys[:, :, 10:], step)
@@ -205,8 +216,9 @@ def test_drop_left_hands_padding_back_to_the_head_without_a_copy() -> None:
         cache.growable_layers[0].extend_left(HEAD_COLUMNS + 3)
 
 
-def test_after_compact_appends_and_growth_use_the_kept_rows_only() -> None:
-    cache = random_cache(4, 9, seed=11)
+@pytest.mark.parametrize("roomy", [True, False])
+def test_after_compact_appends_and_growth_use_the_kept_rows_only(roomy: bool, nan_memory: None) -> None:
+    cache = random_cache(4, 9, seed=11, roomy=roomy)
     cache.compact([3, 1])
     before = _snapshot(cache)
     layer = cache.growable_layers[0]
@@ -214,25 +226,34 @@ def test_after_compact_appends_and_growth_use_the_kept_rows_only() -> None:
     step = torch.randn(2, 2, capacity - 9 + 1, 4)  # one column past the capacity: the buffer grows
     keys, _ = layer.update(step, step.clone())
     assert keys.shape == (2, 2, capacity + 1, 4) and layer.capacity > capacity
-    assert layer.spare_rows == SPARE_ROWS and layer.head == HEAD_COLUMNS  # a new buffer: new room
+    assert (layer.spare_rows, layer.head) == ((SPARE_ROWS, HEAD_COLUMNS) if roomy else (0, 0))  # a new buffer's
     assert torch.equal(keys[:, :, :9], before[0][0]) and torch.equal(keys[:, :, 9:], step)
-    assert _used_rows_zero_past_length(layer)
+    assert _zeros_past_length_unless_roomy(layer)
     with pytest.raises(ValueError, match="3 rows of keys for a cache of 2 rows"):
         layer.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
 
 
-def test_exact_buffers_hold_the_used_rows_only_and_stay_so() -> None:
+def test_exact_buffers_hold_the_used_rows_only_and_stay_so(nan_memory: None) -> None:
+    """From a roomy cache (garbage past ``length``, here NaN) to the compiled step's buffers: the used rows only,
+    zeros past ``length``."""
     cache = random_cache(4, 6, seed=12)
     cache.compact([0, 3])
     cache.drop_left(1)
     before = _snapshot(cache)
     cache.exact_buffers()
     assert not cache.roomy
-    for layer, (keys, _values) in zip(cache.growable_layers, before, strict=True):
-        assert layer.keys is not None and layer.keys.shape[0] == 2 and layer.spare_rows == 0 and layer.head == 0
-        assert layer.keys.is_contiguous() and torch.equal(layer.used()[0], keys)
+    for layer, (keys, values) in zip(cache.growable_layers, before, strict=True):
+        assert layer.keys is not None and layer.values is not None
+        assert layer.keys.shape[0] == 2 and layer.spare_rows == 0 and layer.head == 0 and layer.keys.is_contiguous()
+        assert torch.equal(layer.used()[0], keys) and torch.equal(layer.used()[1], values)
+        assert not layer.keys[:, :, 5:].any() and not layer.values[:, :, 5:].any()  # zeros, not NaN
         layer.reserve(layer.capacity + 1)  # growth keeps them exact
         assert layer.spare_rows == 0 and layer.head == 0 and torch.equal(layer.used()[0], keys)
+        assert not layer.keys[:, :, 5:].any()
+    compacted = random_cache(4, 6, seed=12, roomy=False)
+    compacted.compact([0, 3])  # not roomy, but 2 spare rows: made exact too
+    compacted.exact_buffers()
+    assert all(layer.spare_rows == 0 for layer in compacted.growable_layers)
 
 
 def _rss_bytes() -> int:
@@ -241,18 +262,21 @@ def _rss_bytes() -> int:
 
 
 def test_room_costs_no_memory_until_used() -> None:
-    """Independent of the cache's own accounting: the process's resident memory. Roomy buffers for 8 used rows of
-    64 columns in 30 layers (47 MB written: the used columns and 64 zeroed free ones) reserve 8 spare rows and 512
-    head columns (472 MB in all); only the written part may become resident."""
+    """Independent of the cache's own accounting: the process's resident memory. Roomy buffers for 8 rows of 64
+    used columns in 30 layers (24 MB written) reserve 64 free columns, 8 spare rows and 512 head columns (472 MB in
+    all); only the written part may become resident."""
     gc.collect()
     like = torch.zeros(1, 3, 1, 64)
     start = _rss_bytes()
     layers = [GrowableLayer() for _ in range(30)]
     for layer in layers:
         layer.allocate(8, 64, 64, like, like)
-    used = 30 * 2 * 8 * 3 * 128 * 64 * 4  # rows × heads × zeroed capacity (64 used + 64 spare columns) × D × fp32
+        assert layer.keys is not None and layer.values is not None
+        layer.keys[:8, :, :64] = 1.0  # what the caller fills
+        layer.values[:8, :, :64] = 1.0
+    used = 30 * 2 * 8 * 3 * 64 * 64 * 4  # layers × (keys, values) × rows × heads × columns × D × fp32
     reserved = sum(2 * layer._buffers[0].numel() * 4 for layer in layers if layer._buffers is not None)
-    assert reserved > 9 * used
+    assert reserved > 19 * used
     assert _rss_bytes() - start < used + 8 * 2**20
 
 
