@@ -18,9 +18,8 @@ a pause of 0.1-3 s for every running stream here; writing the rows that change t
 
 Room for that (:func:`headroom`): on a CPU, each new buffer gets spare rows and a head of free columns. Memory
 the process never writes costs no RAM there (the pages are mapped on first touch), so the room is free until a
-batch change uses it; for the same reason the eager step's buffers leave the columns past ``length`` unwritten
-(the compiled step's, which it reads whole, hold zeros there). On a GPU memory is taken whole when allocated, and
-a copy is fast: no room is added there. Measured in docs/benchmarks.md ("Batch changes without a copy").
+batch change uses it. On a GPU memory is taken whole when allocated, and a copy is fast: no room is added there.
+Measured in docs/benchmarks.md ("Batch changes without a copy").
 """
 
 from __future__ import annotations
@@ -56,12 +55,13 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     first ``rows`` rows and ``length`` columns of the views are used (R ≥ rows: the rows past ``rows`` are spare,
     their contents undefined; so are the head's columns, until :meth:`extend_left` zeroes the ones it takes).
 
-    ``roomy``: whether new buffers get :func:`headroom`. Off for the compiled step (:mod:`server.engine.compiled`),
-    which takes buffers of exactly the used rows and attends over all their columns, masked: there the columns past
-    ``length`` hold zeros (or keys/values once written there), never uninitialised memory, since a masked NaN
-    would still poison the output (0 × NaN). The eager step reads only the used columns, so a roomy buffer leaves
-    the columns past ``length`` unwritten: untouched, they cost no RAM either. Padding columns (before a row's
-    tokens, inside ``length``) are zeros in both.
+    In a used row, the columns past ``length`` hold zeros or keys/values once written there: never uninitialised
+    memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole view with
+    those columns masked, and a masked NaN would still poison the output (0 × NaN). (Leaving them unwritten in the
+    eager step's buffers, which it never reads, was measured: no better, docs/benchmarks.md.)
+
+    ``roomy``: whether new buffers get :func:`headroom` (off for the compiled step, which takes buffers of exactly
+    the used rows and would copy them back out of a roomy one).
     """
 
     def __init__(self, roomy: bool = True) -> None:
@@ -86,7 +86,7 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 
     def allocate(self, batch: int, length: int, spare: int, like_k: Tensor, like_v: Tensor) -> None:
         """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills, at least ``spare``
-        free columns after them, and :func:`headroom` if ``roomy`` (else the free columns are zeros)."""
+        free columns after them (zeros), and :func:`headroom` if ``roomy``."""
         spare_rows, head = headroom(like_k.device, batch, length) if self.roomy else (0, 0)
         cap = _round_up(length + max(spare, 1))
         shape_k = (batch + spare_rows, like_k.shape[1], head + cap, like_k.shape[-1])
@@ -94,9 +94,8 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         buffers = like_k.new_empty(shape_k), like_v.new_empty(shape_v)
         self._buffers, self.head = buffers, head
         self.keys, self.values = buffers[0][:, :, head:], buffers[1][:, :, head:]
-        if not self.roomy:  # never garbage for the compiled step (see the class docstring)
-            self.keys[:batch, :, length:] = 0
-            self.values[:batch, :, length:] = 0
+        self.keys[:batch, :, length:] = 0  # never garbage (see the class docstring); spare rows stay untouched
+        self.values[:batch, :, length:] = 0
         self.length = length
         self.rows = batch
         self.is_initialized = True
@@ -180,16 +179,12 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.values[: self.rows, :, :length] = values
 
     def exact_buffers(self) -> None:
-        """Buffers of exactly the used rows, no head, zeros past ``length`` (a copy, unless already so), and no room
-        from now on."""
-        if self.keys is not None and self.values is not None and (self.roomy or self.spare_rows or self.head):
-            used = self.used()
-            self.roomy = False
-            self.allocate(self.rows, self.length, self.capacity - self.length, self.keys, self.values)
-            assert self.keys is not None and self.values is not None
-            self.keys[:, :, : self.length] = used[0]
-            self.values[:, :, : self.length] = used[1]
+        """Buffers of exactly the used rows, no head (a copy, when there is room), and no room from now on."""
         self.roomy = False
+        if self.keys is not None and self.values is not None and (self.spare_rows or self.head):
+            rows = self.rows
+            keys, values = self.keys[:rows].clone(), self.values[:rows].clone()
+            self._buffers, self.head, self.keys, self.values = (keys, values), 0, keys, values
 
 
 class BatchKVCache(Cache):
@@ -265,8 +260,7 @@ class BatchKVCache(Cache):
                 for buffer, part in ((target.keys, keys), (target.values, values)):
                     buffer[at : at + b, :, :missing] = 0
                     buffer[at : at + b, :, missing:length] = part
-                    if not target.roomy:
-                        buffer[at : at + b, :, length:] = 0  # never garbage (see GrowableLayer)
+                    buffer[at : at + b, :, length:] = 0  # never garbage (see GrowableLayer)
                 at += b
             target.rows = at
         return True

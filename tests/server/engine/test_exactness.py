@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -324,6 +324,49 @@ def test_edit_tokens_edits_the_first_tokens_only_alone_batched_and_joining(
         assert max(float((a - b).abs().max()) for a, b in zip(expected[1][n:], unlimited[1][n:], strict=True)) > 1e-3
 
 
+Wave = list[tuple[list[int], EditSpec | None, int]]  # greedy requests: prompt, edit, tokens
+
+
+def serve_in_two_waves(
+    loaded: LoadedModel,
+    editor: HPREditor,
+    compile_decode: bool,
+    first: Wave,
+    later: Wave,
+    ready: Callable[[list[asyncio.Task[list[GenerationOutput]]], asyncio.Event], Awaitable[None]],
+) -> None:
+    """Requests ``first`` sent to one engine; once ``ready(their tasks, an event set when one of them has two
+    tokens)`` returns, ``later`` too. Every request must get what it gets alone."""
+
+    async def main() -> list[list[GenerationOutput]]:
+        engine = Engine(loaded, editor.registry, compile_decode=compile_decode, max_batch_size=16)
+        engine.start()
+        started = asyncio.Event()
+
+        async def watched(request: GenerationRequest) -> list[GenerationOutput]:
+            outputs = []
+            async for output in engine.generate(request):
+                outputs.append(output)
+                if len(outputs) >= 2:
+                    started.set()
+            return outputs
+
+        try:
+            tasks = [asyncio.create_task(watched(greedy(f"r{i}", p, e, steps=n))) for i, (p, e, n) in enumerate(first)]
+            await ready(tasks, started)
+            tasks += [
+                asyncio.create_task(collect(engine, greedy(f"n{i}", p, e, steps=n)))
+                for i, (p, e, n) in enumerate(later)
+            ]
+            return await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    for (prompt, spec, steps), outputs in zip(first + later, results, strict=True):
+        assert_matches(outputs, reference(loaded, editor, prompt, spec, steps=steps))
+
+
 def test_rows_that_finish_leave_room_that_newcomers_take_in_place(
     tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,27 +388,11 @@ def test_rows_that_finish_leave_room_that_newcomers_take_in_place(
     first.append((long_prompt[:-2], cases[6], 4))
     later = [(tiny_loaded.tokenizer.encode("x"), cases[3], 6), (tiny_loaded.tokenizer.encode("Hi"), cases[7], 5)]
 
-    async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
-        engine.start()
-        try:
-            tasks = [
-                asyncio.create_task(collect(engine, greedy(f"r{i}", p, e, steps=n)))
-                for i, (p, e, n) in enumerate(first)
-            ]
-            await asyncio.gather(tasks[1], tasks[3])  # the two short ones are done; r0 and r2 still run
-            assert not tasks[0].done() and not tasks[2].done()
-            tasks += [
-                asyncio.create_task(collect(engine, greedy(f"n{i}", p, e, steps=n)))
-                for i, (p, e, n) in enumerate(later)
-            ]
-            return await asyncio.gather(*tasks)
-        finally:
-            await engine.stop()
+    async def short_ones_done(tasks: list[asyncio.Task[list[GenerationOutput]]], _: asyncio.Event) -> None:
+        await asyncio.gather(tasks[1], tasks[3])  # the two short ones are done; r0 and r2 still run
+        assert not tasks[0].done() and not tasks[2].done()
 
-    results = run(main())
-    for (prompt, spec, steps), outputs in zip(first + later, results, strict=True):
-        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
+    serve_in_two_waves(tiny_loaded, tiny_editor, compile_decode, first, later, short_ones_done)
     if not compile_decode:
         assert True in joins  # the newcomers took the spare rows in place
 
@@ -381,45 +408,22 @@ def test_longer_newcomers_join_in_place_through_the_head(
     calls: dict[str, list[int]] = {"extend_left": [], "drop_left": []}
     for name, method in [(n, getattr(GrowableLayer, n)) for n in calls]:
 
-        def counted(self: GrowableLayer, columns: int, _name: str = name, _method: Any = method) -> None:
+        def counted_call(self: GrowableLayer, columns: int, _name: str = name, _method: Any = method) -> None:
             calls[_name].append(columns)
             _method(self, columns)
 
-        monkeypatch.setattr(GrowableLayer, name, counted)
+        monkeypatch.setattr(GrowableLayer, name, counted_call)
     cases = edit_cases(tiny_editor)
     encode = tiny_loaded.tokenizer.encode
     first = [(encode("Hi"), cases[1], 6), (encode("x"), None, 8)]
     long_prompt = encode("Once upon a time, in a land far away, there lived a cat who liked the sea")
     later = [(long_prompt, cases[2], 10), (long_prompt[:-4], cases[6], 20)]  # the longest leaves first
 
-    async def main() -> list[list[GenerationOutput]]:
-        engine = Engine(tiny_loaded, tiny_editor.registry, compile_decode=compile_decode, max_batch_size=16)
-        engine.start()
-        started = asyncio.Event()
+    async def decoding(tasks: list[asyncio.Task[list[GenerationOutput]]], started: asyncio.Event) -> None:
+        await started.wait()  # the short rows are decoding
+        assert not any(task.done() for task in tasks)
 
-        async def watched(request: GenerationRequest) -> list[GenerationOutput]:
-            outputs = []
-            async for output in engine.generate(request):
-                outputs.append(output)
-                if len(outputs) >= 2:
-                    started.set()
-            return outputs
-
-        try:
-            tasks = [asyncio.create_task(watched(greedy(f"r{i}", p, e, steps=n))) for i, (p, e, n) in enumerate(first)]
-            await started.wait()  # the short rows are decoding
-            assert not any(task.done() for task in tasks)
-            tasks += [
-                asyncio.create_task(collect(engine, greedy(f"n{i}", p, e, steps=n)))
-                for i, (p, e, n) in enumerate(later)
-            ]
-            return await asyncio.gather(*tasks)
-        finally:
-            await engine.stop()
-
-    results = run(main())
-    for (prompt, spec, steps), outputs in zip(first + later, results, strict=True):
-        assert_matches(outputs, reference(tiny_loaded, tiny_editor, prompt, spec, steps=steps))
+    serve_in_two_waves(tiny_loaded, tiny_editor, compile_decode, first, later, decoding)
     if not compile_decode:
         assert max(calls["extend_left"]) > 0  # the running rows took head columns
         assert max(calls["drop_left"]) > 0  # and gave them back when the short rows left

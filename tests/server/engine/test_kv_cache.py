@@ -32,12 +32,11 @@ def _storage(layer: GrowableLayer) -> int:
     return layer.keys.untyped_storage().data_ptr()
 
 
-def _zeros_past_length_unless_roomy(layer: GrowableLayer) -> bool:
-    """The compiled step's invariant (exact buffers): a used row's columns past ``length`` are zeros. A roomy
-    buffer leaves them unwritten (the eager step never reads them)."""
+def _zeros_past_length(layer: GrowableLayer) -> bool:
+    """A used row's columns past ``length`` are zeros (the compiled step reads them, masked)."""
     assert layer.keys is not None and layer.values is not None
     rows, length = layer.rows, layer.length
-    return layer.roomy or (not layer.keys[:rows, :, length:].any() and not layer.values[:rows, :, length:].any())
+    return not layer.keys[:rows, :, length:].any() and not layer.values[:rows, :, length:].any()
 
 
 @pytest.fixture
@@ -81,7 +80,7 @@ def test_concatenate_left_pads_with_zeros_and_keeps_every_value(roomy: bool, nan
             # Reference built by hand: b left-padded by 3 zero columns, rows stacked.
             expected = torch.cat([ka, torch.cat([torch.zeros(2, 2, 3, 4), kb], dim=2)])
             assert torch.equal(used[name], expected)
-        assert layer.capacity >= 7 + 6 and _zeros_past_length_unless_roomy(layer)
+        assert layer.capacity >= 7 + 6 and _zeros_past_length(layer)
         assert layer.roomy == roomy  # as the first cache
         assert (layer.spare_rows, layer.head) == ((SPARE_ROWS, HEAD_COLUMNS) if roomy else (0, 0))
 
@@ -99,7 +98,7 @@ def test_select_keeps_rows_in_order_drops_columns_and_leaves_the_source_unchange
         got_k, got_v = layer.used()
         assert torch.equal(got_k, torch.stack([keys[r, :, 2:9] for r in [4, 0, 1, 2, 5]]))
         assert torch.equal(got_v, torch.stack([values[r, :, 2:9] for r in [4, 0, 1, 2, 5]]))
-        assert layer.capacity >= 7 + 3 and _zeros_past_length_unless_roomy(layer) and layer.roomy == roomy
+        assert layer.capacity >= 7 + 3 and _zeros_past_length(layer) and layer.roomy == roomy
     assert all(torch.equal(a[0], b[0]) for a, b in zip(_snapshot(cache), before, strict=True))
 
 
@@ -114,7 +113,7 @@ def test_compact_moves_only_the_tail_rows_into_the_leavers_places() -> None:
         assert layer.spare_rows == SPARE_ROWS + 2
         got_k, got_v = layer.used()
         assert torch.equal(got_k, keys[[0, 5, 2, 3]]) and torch.equal(got_v, values[[0, 5, 2, 3]])
-        assert _zeros_past_length_unless_roomy(layer)
+        assert _zeros_past_length(layer)
 
 
 def test_compact_refuses_an_order_that_would_overwrite_a_source() -> None:
@@ -144,7 +143,7 @@ def test_join_in_place_fills_spare_rows_left_padded_with_zeros() -> None:
         # Hand-built reference: the newcomer left-padded by 5 zero columns under the running rows.
         assert torch.equal(got_k, torch.cat([keys, torch.cat([torch.zeros(1, 2, 5, 4), nk], dim=2)]))
         assert torch.equal(got_v, torch.cat([values, torch.cat([torch.zeros(1, 2, 5, 4), nv], dim=2)]))
-        assert _zeros_past_length_unless_roomy(layer)
+        assert _zeros_past_length(layer)
 
 
 def test_a_longer_newcomer_takes_columns_from_the_head_in_place() -> None:
@@ -174,7 +173,7 @@ def test_a_longer_newcomer_takes_columns_from_the_head_in_place() -> None:
             for which in (0, 1)
         ]
         assert torch.equal(layer.used()[0], expected[0]) and torch.equal(layer.used()[1], expected[1])
-        assert _zeros_past_length_unless_roomy(layer)
+        assert _zeros_past_length(layer)
         step = torch.randn(6, 2, 1, 4)  # the next column lands after the used ones
         keys, _ = layer.update(step, step.clone())
         assert torch.equal(keys[:, :, :10], expected[0]) and torch.equal(keys[:, :, 10:], step)
@@ -228,14 +227,14 @@ def test_after_compact_appends_and_growth_use_the_kept_rows_only(roomy: bool, na
     assert keys.shape == (2, 2, capacity + 1, 4) and layer.capacity > capacity
     assert (layer.spare_rows, layer.head) == ((SPARE_ROWS, HEAD_COLUMNS) if roomy else (0, 0))  # a new buffer's
     assert torch.equal(keys[:, :, :9], before[0][0]) and torch.equal(keys[:, :, 9:], step)
-    assert _zeros_past_length_unless_roomy(layer)
+    assert _zeros_past_length(layer)
     with pytest.raises(ValueError, match="3 rows of keys for a cache of 2 rows"):
         layer.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
 
 
 def test_exact_buffers_hold_the_used_rows_only_and_stay_so(nan_memory: None) -> None:
-    """From a roomy cache (garbage past ``length``, here NaN) to the compiled step's buffers: the used rows only,
-    zeros past ``length``."""
+    """From a roomy cache (fresh memory NaN here) to the compiled step's buffers: the used rows only, zeros past
+    ``length``."""
     cache = random_cache(4, 6, seed=12)
     cache.compact([0, 3])
     cache.drop_left(1)
@@ -263,8 +262,8 @@ def _rss_bytes() -> int:
 
 def test_room_costs_no_memory_until_used() -> None:
     """Independent of the cache's own accounting: the process's resident memory. Roomy buffers for 8 rows of 64
-    used columns in 30 layers (24 MB written) reserve 64 free columns, 8 spare rows and 512 head columns (472 MB in
-    all); only the written part may become resident."""
+    used columns and 64 free ones (zeroed) in 30 layers (47 MB written) reserve 8 spare rows and 512 head columns
+    (472 MB in all); only the written part may become resident."""
     gc.collect()
     like = torch.zeros(1, 3, 1, 64)
     start = _rss_bytes()
@@ -274,9 +273,9 @@ def test_room_costs_no_memory_until_used() -> None:
         assert layer.keys is not None and layer.values is not None
         layer.keys[:8, :, :64] = 1.0  # what the caller fills
         layer.values[:8, :, :64] = 1.0
-    used = 30 * 2 * 8 * 3 * 64 * 64 * 4  # layers × (keys, values) × rows × heads × columns × D × fp32
+    used = 30 * 2 * 8 * 3 * 128 * 64 * 4  # layers × (keys, values) × rows × heads × columns × D × fp32
     reserved = sum(2 * layer._buffers[0].numel() * 4 for layer in layers if layer._buffers is not None)
-    assert reserved > 19 * used
+    assert reserved > 9 * used
     assert _rss_bytes() - start < used + 8 * 2**20
 
 
