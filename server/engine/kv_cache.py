@@ -20,6 +20,12 @@ Room for that (:func:`headroom`): on a CPU, each new buffer gets spare rows and 
 the process never writes costs no RAM there (the pages are mapped on first touch), so the room is free until a
 batch change uses it. On a GPU memory is taken whole when allocated, and a copy is fast: no room is added there.
 Measured in docs/benchmarks.md ("Batch changes without a copy").
+
+Growth is the same kind of copy (every used column into a bigger buffer, ~1 s for 40 rows of 700 columns here), so
+on a CPU a buffer is also allocated wide enough for the columns its rows may still append (:meth:`BatchKVCache.plan`:
+the prompt plus the longest remaining ``max_tokens``, at most :data:`AHEAD_COLUMNS` past the used ones), and those
+columns are zeroed a chunk at a time as decoding reaches them (``ready``) instead of all at once: a row that stays
+within its budget never makes the buffer grow.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 GROWTH_CHUNK = 64  # columns added when a buffer is full (amortises the copy over many steps)
 HEAD_COLUMNS = 512  # on a CPU, free columns on a new buffer's left: a newcomer up to this much longer joins in place
 SPARE_ROWS = 8  # on a CPU, spare rows at least in a new buffer (and a quarter of its rows, if more)
+AHEAD_COLUMNS = 2048  # on a CPU, columns at most allocated past the used ones for the rows' planned tokens
 
 
 def _round_up(n: int) -> int:
@@ -43,9 +50,14 @@ def _round_up(n: int) -> int:
 def headroom(device: torch.device, rows: int, length: int) -> tuple[int, int]:
     """(spare rows, head columns) to allocate beside ``rows`` rows of ``length`` columns: on a CPU, room for
     newcomers to join without a copy (see the module docstring); none on other devices."""
-    if device.type != "cpu":
+    if not _roomy_device(device):
         return 0, 0
     return max(SPARE_ROWS, rows // 4), HEAD_COLUMNS
+
+
+def _roomy_device(device: torch.device) -> bool:
+    """Whether memory allocated on ``device`` costs nothing until written (a CPU: pages mapped on first touch)."""
+    return device.type == "cpu"
 
 
 class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
@@ -55,13 +67,17 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     first ``rows`` rows and ``length`` columns of the views are used (R ≥ rows: the rows past ``rows`` are spare,
     their contents undefined; so are the head's columns, until :meth:`extend_left` zeroes the ones it takes).
 
-    In a used row, the columns past ``length`` hold zeros or keys/values once written there: never uninitialised
-    memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole view with
-    those columns masked, and a masked NaN would still poison the output (0 × NaN). (Leaving them unwritten in the
-    eager step's buffers, which it never reads, was measured: no better, docs/benchmarks.md.)
+    In a used row, the columns from ``length`` to ``ready`` hold zeros or keys/values once written there: never
+    uninitialised memory, because the compiled decode step (:mod:`server.engine.compiled`) attends over the whole
+    view with those columns masked, and a masked NaN would still poison the output (0 × NaN). Its buffers are exact
+    (``ready`` is the capacity). In a roomy buffer on a CPU the columns past ``ready`` are left unwritten (they cost
+    no RAM until then; nothing reads past ``length`` there) and are zeroed a growth chunk ahead as ``length``
+    reaches them, so their page faults come together in one step of many. (Leaving every column past ``length``
+    unwritten, faulted in one page at a time by the steps, was measured: no better, docs/benchmarks.md.)
 
-    ``roomy``: whether new buffers get :func:`headroom` (off for the compiled step, which takes buffers of exactly
-    the used rows and would copy them back out of a roomy one).
+    ``roomy``: whether new buffers get :func:`headroom` and, on a CPU, the columns of ``planned`` (off for the
+    compiled step, which takes buffers of exactly the used rows and would copy them back out of a roomy one).
+    ``planned``: the columns the rows may reach (prompt and longest remaining budget, in view columns); a hint.
     """
 
     def __init__(self, roomy: bool = True) -> None:
@@ -69,6 +85,8 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.length = 0
         self.rows = 0
         self.head = 0
+        self.ready = 0
+        self.planned = 0
         self.roomy = roomy
         self._buffers: tuple[Tensor, Tensor] | None = None  # (R, H_kv, head + capacity, D): what the views are of
 
@@ -85,34 +103,45 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.is_initialized = True
 
     def allocate(self, batch: int, length: int, spare: int, like_k: Tensor, like_v: Tensor) -> None:
-        """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills, at least ``spare``
-        free columns after them (zeros), and :func:`headroom` if ``roomy``."""
+        """Fresh buffers for ``batch`` rows whose first ``length`` columns the caller fills and at least ``spare``
+        free columns after them, zeros; if ``roomy``, also :func:`headroom`, and on a CPU the columns of
+        ``planned``, the free columns then zeroed only a growth chunk ahead (see the class docstring)."""
         spare_rows, head = headroom(like_k.device, batch, length) if self.roomy else (0, 0)
-        cap = _round_up(length + max(spare, 1))
+        cap = ready = _round_up(length + max(spare, 1))
+        if self.roomy and _roomy_device(like_k.device):
+            cap = max(cap, _round_up(min(self.planned, length + AHEAD_COLUMNS)))
+            ready = min(cap, length + GROWTH_CHUNK)
         shape_k = (batch + spare_rows, like_k.shape[1], head + cap, like_k.shape[-1])
         shape_v = (batch + spare_rows, like_v.shape[1], head + cap, like_v.shape[-1])
         buffers = like_k.new_empty(shape_k), like_v.new_empty(shape_v)
         self._buffers, self.head = buffers, head
         self.keys, self.values = buffers[0][:, :, head:], buffers[1][:, :, head:]
-        self.keys[:batch, :, length:] = 0  # never garbage (see the class docstring); spare rows stay untouched
-        self.values[:batch, :, length:] = 0
+        self.keys[:batch, :, length:ready] = 0  # never garbage (see the class docstring); spare rows stay untouched
+        self.values[:batch, :, length:ready] = 0
         self.length = length
+        self.ready = ready
         self.rows = batch
         self.is_initialized = True
         self.device = like_k.device
 
     def _reserve(self, needed: int, like_k: Tensor, like_v: Tensor) -> None:
-        if self.keys is not None and needed <= self.capacity:
-            return
-        old = self.used() if self.keys is not None else None
-        batch = self.rows if old is not None else like_k.shape[0]
-        length = self.length if old is not None else 0
-        cap = _round_up(max(needed, self.capacity + self.capacity // 2))
-        self.allocate(batch, length, cap - length, like_k, like_v)
-        if old is not None and length:
+        """Room for ``needed`` columns, those up to ``needed`` ready (a write there must not be zeroed later)."""
+        if self.keys is None or needed > self.capacity:
+            old = self.used() if self.keys is not None else None
+            batch = self.rows if old is not None else like_k.shape[0]
+            length = self.length if old is not None else 0
+            cap = _round_up(max(needed, self.capacity + self.capacity // 2))
+            self.allocate(batch, length, cap - length, like_k, like_v)
+            if old is not None and length:
+                assert self.keys is not None and self.values is not None
+                self.keys[:batch, :, :length] = old[0]
+                self.values[:batch, :, :length] = old[1]
+        if needed > self.ready:  # a roomy buffer's next chunk, zeroed together (see the class docstring)
             assert self.keys is not None and self.values is not None
-            self.keys[:batch, :, :length] = old[0]
-            self.values[:batch, :, :length] = old[1]
+            ready = min(self.capacity, needed + GROWTH_CHUNK)
+            self.keys[: self.rows, :, self.ready : ready] = 0
+            self.values[: self.rows, :, self.ready : ready] = 0
+            self.ready = ready
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` columns (the layer must hold keys already)."""
@@ -150,8 +179,11 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 
     def _move_view(self, head: int) -> None:
         assert self._buffers is not None
+        shift = self.head - head  # columns the view gains on its left
         self.head = head
         self.keys, self.values = self._buffers[0][:, :, head:], self._buffers[1][:, :, head:]
+        self.ready += shift
+        self.planned = self.planned + shift if self.planned else 0
 
     def extend_left(self, columns: int) -> None:
         """``columns`` (≤ ``head``) more columns on the left of every used row, zeros: ``length`` grows by as much."""
@@ -179,11 +211,13 @@ class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.values[: self.rows, :, :length] = values
 
     def exact_buffers(self) -> None:
-        """Buffers of exactly the used rows, no head (a copy, when there is room), and no room from now on."""
+        """Buffers of exactly the used rows and their ``ready`` columns, no head (a copy, when there is room), and
+        no room from now on."""
         self.roomy = False
-        if self.keys is not None and self.values is not None and (self.spare_rows or self.head):
-            rows = self.rows
-            keys, values = self.keys[:rows].clone(), self.values[:rows].clone()
+        has_room = self.spare_rows or self.head or self.ready < self.capacity
+        if self.keys is not None and self.values is not None and has_room:
+            rows, ready = self.rows, self.ready
+            keys, values = self.keys[:rows, :, :ready].clone(), self.values[:rows, :, :ready].clone()
             self._buffers, self.head, self.keys, self.values = (keys, values), 0, keys, values
 
 
@@ -206,6 +240,16 @@ class BatchKVCache(Cache):
     def roomy(self) -> bool:
         return all(layer.roomy for layer in self.growable_layers)
 
+    def plan(self, columns: int) -> None:
+        """The columns the rows may reach (see :class:`GrowableLayer`'s ``planned``): on a CPU, buffers allocated
+        from now on have them, so that decoding within the plan never grows (copies) the cache."""
+        for layer in self.growable_layers:
+            layer.planned = columns
+
+    @property
+    def planned(self) -> int:
+        return self.growable_layers[0].planned if self.layers else 0
+
     def rewind(self, length: int) -> None:
         """Forget every column past ``length`` in every layer (undo a forward that failed part-way)."""
         for layer in self.growable_layers:
@@ -225,9 +269,10 @@ class BatchKVCache(Cache):
             raise ValueError(f"compact: rows {list(order)} of {self.batch_size} are not a keep-and-fill order")
         for layer in self.growable_layers:
             assert layer.keys is not None and layer.values is not None
-            for j, src in moves:  # every column: a used row's columns past `length` stay zeros, never garbage
-                layer.keys[j] = layer.keys[src]
-                layer.values[j] = layer.values[src]
+            ready = layer.ready
+            for j, src in moves:  # up to `ready`: a used row's columns past `length` stay zeros, never garbage
+                layer.keys[j, :, :ready] = layer.keys[src, :, :ready]
+                layer.values[j, :, :ready] = layer.values[src, :, :ready]
             layer.rows = n
 
     def drop_left(self, columns: int) -> None:
@@ -251,16 +296,17 @@ class BatchKVCache(Cache):
         for layer in layers:
             layer.extend_left(max(extend, 0))
         length = self.length
+        self.plan(max(self.planned, *(_shifted_plan(c, length) for c in caches)))
         for index, target in enumerate(layers):
             assert target.keys is not None and target.values is not None
-            at = target.rows
+            at, ready = target.rows, target.ready
             for cache in caches:
                 keys, values = cache.growable_layers[index].used()  # (b, H_kv, l, D)
                 b, missing = keys.shape[0], length - keys.shape[2]
                 for buffer, part in ((target.keys, keys), (target.values, values)):
                     buffer[at : at + b, :, :missing] = 0
                     buffer[at : at + b, :, missing:length] = part
-                    buffer[at : at + b, :, length:] = 0  # never garbage (see GrowableLayer)
+                    buffer[at : at + b, :, length:ready] = 0  # never garbage (see GrowableLayer)
                 at += b
             target.rows = at
         return True
@@ -279,6 +325,7 @@ class BatchKVCache(Cache):
         this cache is ~0.9 GB in fp32, and every extra pass over it is a pause for every running stream.
         """
         out = BatchKVCache(len(self.layers), self.roomy)
+        out.plan(max(self.planned - drop_columns, 0))
         runs = _runs([int(r) for r in rows.tolist()])
         for mine, theirs in zip(self.growable_layers, out.growable_layers, strict=True):
             keys, values = mine.used()
@@ -304,6 +351,7 @@ class BatchKVCache(Cache):
         length = max(c.length for c in caches)
         rows = sum(c.batch_size for c in caches)
         out = cls(num_layers, caches[0].roomy)
+        out.plan(max(_shifted_plan(c, length) for c in caches))
         for index in range(num_layers):
             target = out.growable_layers[index]
             first_k, first_v = caches[0].growable_layers[index].used()
@@ -319,6 +367,11 @@ class BatchKVCache(Cache):
                 target.values[at : at + count, :, missing:length] = values
                 at += count
         return out
+
+
+def _shifted_plan(cache: BatchKVCache, length: int) -> int:
+    """``cache``'s plan for its rows once they are left-padded to ``length`` columns (0: none)."""
+    return cache.planned + length - cache.length if cache.planned else 0
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:

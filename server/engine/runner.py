@@ -158,6 +158,7 @@ class ModelRunner:
         inputs = PrefillInputs.build(prompts, self.pad_id, self.device)
         columns = inputs.columns if not chunk_tokens else max(1, chunk_tokens // len(states))
         cache = BatchKVCache(self.num_layers, roomy=self.compiled is None)  # the compiled step wants exact buffers
+        cache.plan(inputs.columns + max(s.max_new_tokens for s in states))  # on a CPU: no growth within the budgets
         return PrefillJob(list(states), inputs, cache, columns)
 
     def prefill_step(self, job: PrefillJob) -> StepOutcome | None:

@@ -367,13 +367,27 @@ def serve_in_two_waves(
         assert_matches(outputs, reference(loaded, editor, prompt, spec, steps=steps))
 
 
+@pytest.mark.parametrize("fresh_memory", ["as allocated", "NaN"])
 def test_rows_that_finish_leave_room_that_newcomers_take_in_place(
-    tiny_loaded: LoadedModel, tiny_editor: HPREditor, compile_decode: bool, monkeypatch: pytest.MonkeyPatch
+    tiny_loaded: LoadedModel,
+    tiny_editor: HPREditor,
+    compile_decode: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_memory: str,
 ) -> None:
     """Two of four rows finish early; the batch keeps its cache and moves its last row into a leaver's place
     (``Batch.filter(in_place=True)``), and two newcomers are then written into the spare rows
     (``BatchKVCache.join_in_place``; the eager step: the compiled one takes buffers without spare rows). Every
-    request still gets what it gets alone."""
+    request still gets what it gets alone. With fresh KV buffers full of NaN, as uninitialised memory may be: the
+    columns planned ahead, left unwritten until decoding reaches them, are never read before (a NaN read, even
+    masked, would change the outputs)."""
+    if fresh_memory == "NaN":
+        new_empty = torch.Tensor.new_empty
+
+        def nan_filled(self: torch.Tensor, size: Any, **kwargs: Any) -> torch.Tensor:
+            return new_empty(self, size, **kwargs).fill_(float("nan"))
+
+        monkeypatch.setattr(torch.Tensor, "new_empty", nan_filled)
     joins: list[bool] = []
     join_in_place = BatchKVCache.join_in_place
 

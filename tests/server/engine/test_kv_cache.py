@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from server.engine.batch import fill_order
-from server.engine.kv_cache import HEAD_COLUMNS, SPARE_ROWS, BatchKVCache, GrowableLayer, _runs, headroom
+from server.engine.kv_cache import (
+    AHEAD_COLUMNS,
+    GROWTH_CHUNK,
+    HEAD_COLUMNS,
+    SPARE_ROWS,
+    BatchKVCache,
+    GrowableLayer,
+    _runs,
+    headroom,
+)
 
 
 def random_cache(rows: int, length: int, layers: int = 3, seed: int = 0, roomy: bool = True) -> BatchKVCache:
@@ -33,10 +42,12 @@ def _storage(layer: GrowableLayer) -> int:
 
 
 def _zeros_past_length(layer: GrowableLayer) -> bool:
-    """A used row's columns past ``length`` are zeros (the compiled step reads them, masked)."""
+    """A used row's columns from ``length`` to ``ready`` are zeros (the compiled step reads them, masked): in an
+    exact buffer every column past ``length``."""
     assert layer.keys is not None and layer.values is not None
-    rows, length = layer.rows, layer.length
-    return not layer.keys[:rows, :, length:].any() and not layer.values[:rows, :, length:].any()
+    rows, length, ready = layer.rows, layer.length, layer.ready
+    assert length <= ready <= layer.capacity and (layer.roomy or ready == layer.capacity)
+    return not layer.keys[:rows, :, length:ready].any() and not layer.values[:rows, :, length:ready].any()
 
 
 @pytest.fixture
@@ -255,6 +266,86 @@ def test_exact_buffers_hold_the_used_rows_only_and_stay_so(nan_memory: None) -> 
     assert all(layer.spare_rows == 0 for layer in compacted.growable_layers)
 
 
+def test_exact_buffers_of_a_planned_buffer_take_its_ready_columns_only(nan_memory: None) -> None:
+    """A roomy buffer planned far ahead (its columns past ``ready`` NaN here) becomes exact buffers of the ready
+    columns: all defined, zeros past ``length``, not the whole plan."""
+    cache = BatchKVCache(2)
+    cache.plan(1000)
+    reference = []
+    for step in range(3):
+        keys = torch.randn(2, 2, 7 if step == 0 else 1, 4)
+        reference.append(keys)
+        for layer in cache.growable_layers:
+            layer.update(keys, keys + 1)
+    layer = cache.growable_layers[0]
+    assert layer.capacity == 1024 and layer.ready == GROWTH_CHUNK and torch.isnan(layer.keys[:2, :, -1]).all()
+    cache.exact_buffers()
+    expected = torch.cat(reference, dim=2)
+    for layer in cache.growable_layers:
+        assert layer.keys is not None and layer.values is not None
+        assert layer.capacity == GROWTH_CHUNK and not layer.roomy and layer.ready == layer.capacity
+        assert torch.equal(layer.keys[:, :, :9], expected) and torch.equal(layer.values[:, :, :9], expected + 1)
+        assert not layer.keys[:, :, 9:].any() and not layer.values[:, :, 9:].any()
+
+
+@pytest.mark.parametrize("device_has_room", [True, False])
+def test_decoding_within_the_plan_never_grows_the_buffer(
+    device_has_room: bool, nan_memory: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU a cache planned for its rows' budgets is allocated for them at once: 300 decode steps write into
+    the same buffer (no growth copy), the keys equal the concatenated steps (an independent reference), and the
+    columns from ``length`` to ``ready`` stay zeros while the rest of the plan is left unwritten (NaN here). On a
+    device without room (a GPU), the buffer grows by chunks as before."""
+    if not device_has_room:
+        monkeypatch.setattr("server.engine.kv_cache._roomy_device", lambda device: False)
+    cache = BatchKVCache(1)
+    cache.plan(20 + 300)
+    layer = cache.growable_layers[0]
+    steps = [torch.randn(3, 2, 20, 4)] + [torch.randn(3, 2, 1, 4) for _ in range(300)]
+    storages = set()
+    for keys in steps:
+        layer.update(keys, -keys)
+        storages.add(_storage(layer))
+        assert _zeros_past_length(layer)
+    assert layer.length == 320 and torch.equal(layer.used()[0], torch.cat(steps, dim=2))
+    assert torch.equal(layer.used()[1], -torch.cat(steps, dim=2))
+    if device_has_room:
+        assert len(storages) == 1 and layer.capacity == 320 and layer.ready == 320
+    else:
+        assert len(storages) > 3 and layer.ready == layer.capacity
+    assert not torch.isnan(layer.used()[0]).any()
+
+
+def test_a_plan_beyond_the_ahead_limit_is_capped_and_then_grows() -> None:
+    layer = GrowableLayer()
+    layer.planned = 100 + AHEAD_COLUMNS + 500
+    like = torch.zeros(1, 1, 1, 2)
+    layer.allocate(2, 100, 1, like, like)
+    assert layer.capacity == 100 + AHEAD_COLUMNS + 28  # rounded up to a growth chunk
+    assert layer.ready == 100 + GROWTH_CHUNK
+    layer.reserve(layer.capacity + 1)  # past it: a growth (copy), planned columns again from there
+    assert layer.capacity >= 100 + AHEAD_COLUMNS + 500
+
+
+def test_the_plan_follows_the_columns_through_joins_and_copies() -> None:
+    """The plan and the ready columns are in view columns: they move with the padding a join adds or a filter
+    drops, and a join or a copy keeps the longest plan of its parts."""
+    running, newcomer = random_cache(2, 10, seed=20), random_cache(1, 30, seed=21)
+    running.plan(10 + 50)
+    newcomer.plan(30 + 400)
+    ready = running.growable_layers[0].ready
+    assert running.join_in_place([newcomer])  # the running rows get 20 more columns of padding
+    assert running.length == 30 and running.planned == 430 and running.growable_layers[0].ready == ready + 20
+    running.drop_left(5)
+    assert running.planned == 425 and running.growable_layers[0].ready == ready + 15
+    assert all(_zeros_past_length(layer) for layer in running.growable_layers)
+    copied = running.select(torch.tensor([0, 2]), 3, spare=1)
+    assert copied.length == 22 and copied.planned == 422
+    joined = BatchKVCache.concatenate([random_cache(1, 40, seed=22), copied], spare=1)
+    assert joined.length == 40 and joined.planned == 440  # the second's plan, shifted by its 18 more columns
+    assert all(layer.capacity >= 440 for layer in joined.growable_layers)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -262,20 +353,22 @@ def _rss_bytes() -> int:
 
 def test_room_costs_no_memory_until_used() -> None:
     """Independent of the cache's own accounting: the process's resident memory. Roomy buffers for 8 rows of 64
-    used columns and 64 free ones (zeroed) in 30 layers (47 MB written) reserve 8 spare rows and 512 head columns
-    (472 MB in all); only the written part may become resident."""
+    used columns and 64 free ones (zeroed) in 30 layers (47 MB written) reserve 8 spare rows, 512 head columns and
+    the columns of a plan 2,048 past the used ones (1.9 GB in all); only the written part may become
+    resident."""
     gc.collect()
     like = torch.zeros(1, 3, 1, 64)
     start = _rss_bytes()
     layers = [GrowableLayer() for _ in range(30)]
     for layer in layers:
+        layer.planned = 64 + AHEAD_COLUMNS
         layer.allocate(8, 64, 64, like, like)
         assert layer.keys is not None and layer.values is not None
         layer.keys[:8, :, :64] = 1.0  # what the caller fills
         layer.values[:8, :, :64] = 1.0
     used = 30 * 2 * 8 * 3 * 128 * 64 * 4  # layers × (keys, values) × rows × heads × columns × D × fp32
     reserved = sum(2 * layer._buffers[0].numel() * 4 for layer in layers if layer._buffers is not None)
-    assert reserved > 9 * used
+    assert reserved > 40 * used
     assert _rss_bytes() - start < used + 8 * 2**20
 
 
