@@ -71,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from server.app import create_app
 
     settings = parse_settings(argv)
+    if settings.malloc_tuning:  # first thing, before any thread has an arena of its own (server.allocator)
+        from server.allocator import keep_freed_memory
+
+        keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if settings.log_level == "trace" else settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

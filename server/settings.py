@@ -133,10 +133,10 @@ class ServerSettings(BaseSettings):
     )
     malloc_tuning: bool = Field(
         default=True,
-        description="On glibc: keep freed memory in the process (mallopt) so the KV cache, rebuilt whenever requests "
-        "join or leave the batch, reuses it instead of page-faulting fresh memory from the OS (docs/server.md). "
-        "Skipped when MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set. --no-malloc-tuning: glibc's "
-        "defaults.",
+        description="On glibc: keep freed memory in the process, in one arena (mallopt) so the KV cache, rebuilt "
+        "whenever requests join or leave the batch, reuses it instead of page-faulting fresh memory from the OS "
+        "(docs/server.md). Skipped when MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or MALLOC_ARENA_MAX is set. "
+        "--no-malloc-tuning: glibc's defaults.",
     )
     served_model_name: str | None = Field(
         default=None,

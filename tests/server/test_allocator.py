@@ -38,12 +38,12 @@ def fake_libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
     return libc
 
 
-def test_both_thresholds_are_raised_mmap_first(fake_libc: FakeLibc) -> None:
+def test_both_thresholds_are_raised_mmap_first_then_one_arena(fake_libc: FakeLibc) -> None:
     assert allocator.keep_freed_memory() == "set"
-    assert fake_libc.calls == [(-3, 1 << 30), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, then M_TRIM_THRESHOLD
+    assert fake_libc.calls == [(-3, 1 << 30), (-1, 1 << 30), (-8, 1)]  # M_MMAP_, M_TRIM_THRESHOLD, M_ARENA_MAX
 
 
-@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
+@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"])
 def test_the_users_own_settings_win(fake_libc: FakeLibc, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv(name, "65536")
     assert allocator.keep_freed_memory() == "user settings"
@@ -90,3 +90,34 @@ def test_on_real_glibc_a_20_mb_block_comes_from_the_heap_once_tuned(tuned: bool,
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(mmapped)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("tuned", [False, True])
+def test_on_real_glibc_a_new_threads_block_comes_from_the_main_heap_once_tuned(tuned: bool) -> None:
+    """Independent of the module's own report: where a 1 MB block malloc'd in a new thread lies. The main arena's
+    heap is the brk segment (below ``sbrk(0)``); a thread's own arena is mmapped far above it."""
+    script = textwrap.dedent(
+        f"""
+        import ctypes, threading
+        from server.allocator import keep_freed_memory
+        if {tuned}:
+            assert keep_freed_memory() == "set"
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.sbrk.restype = ctypes.c_void_p
+        libc.sbrk.argtypes = [ctypes.c_ssize_t]
+        where = []
+        def allocate():
+            block = libc.malloc(1 << 20)
+            where.append(block < libc.sbrk(0))
+        for _ in range(4):  # new threads in turn: without a cap glibc gives them arenas of their own
+            thread = threading.Thread(target=allocate)
+            thread.start()
+            thread.join()
+        print(all(where))
+        """
+    )
+    env: dict[str, Any] = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tuned)

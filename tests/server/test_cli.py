@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server.cli import build_parser, parse_settings
+from server.cli import build_parser, main, parse_settings
 from server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,3 +153,27 @@ def test_engine_settings_reach_the_engine(tiny_model_dir: Path) -> None:
     assert compiled.runner.compiled is not None
     assert (compiled.runner.compiled.max_graphs, compiled.runner.compiled.mode) == (2, "max-autotune-no-cudagraphs")
     assert engine("--compile-decode").runner.compiled.mode is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("tuning", [True, False])
+def test_malloc_tuning_comes_first_before_the_app_and_its_threads(
+    tuning: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """glibc's arena cap binds only threads that have no arena yet (server.allocator): hpr-serve sets it before
+    it builds anything. Here the app fails to build (a ValueError), after which nothing else runs."""
+    import server.allocator
+    import server.app
+
+    calls: list[str] = []
+    monkeypatch.setattr(server.allocator, "keep_freed_memory", lambda: calls.append("malloc") or "set")
+
+    def failing_app(_settings: object) -> None:
+        calls.append("app")
+        raise ValueError("no app here")
+
+    monkeypatch.setattr(server.app, "create_app", failing_app)
+    argv = [] if tuning else ["--no-malloc-tuning"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "no app here" in capsys.readouterr().err
+    assert calls == (["malloc", "app"] if tuning else ["app"])
