@@ -16,7 +16,7 @@ this virtual machine a page fault costs 1 µs or 20-40 µs depending on whether 
 the one (brk) heap that the thresholds keep, freed buffers are reused. Measured (``bench/chunked_prefill.py``, 32
 streams, 8 newcomers of 512 tokens, ABBA by process): with the KV cache allocated for its rows' budgets, the
 second round's longest pause was 2.8-4.0 s (a join faulting 135,000 pages at ~20 µs) with an arena per thread,
-0.25-0.28 s with one arena, and no engine call above 0.5 s; peak RSS 4.0 → 3.3 GB (docs/benchmarks.md,
+0.25-0.31 s with one arena, and no engine call above 0.5 s; peak RSS 4.0 → 3.3 GB (docs/benchmarks.md,
 "Decoding without growth").
 
 ``keep_freed_memory`` sets all three with ``mallopt``, process-wide, once at startup (the server calls it first

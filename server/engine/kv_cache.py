@@ -21,7 +21,7 @@ the process never writes costs no RAM there (the pages are mapped on first touch
 batch change uses it. On a GPU memory is taken whole when allocated, and a copy is fast: no room is added there.
 Measured in docs/benchmarks.md ("Batch changes without a copy").
 
-Growth is the same kind of copy (every used column into a bigger buffer, ~1 s for 40 rows of 700 columns here), so
+Growth is the same kind of copy (every used column into a bigger buffer, 0.3-3 s for 40 rows of 600 columns here), so
 on a CPU a buffer is also allocated wide enough for the columns its rows may still append (:meth:`BatchKVCache.plan`:
 the prompt plus the longest remaining ``max_tokens``, at most :data:`AHEAD_COLUMNS` past the used ones), and those
 columns are zeroed a chunk at a time as decoding reaches them (``ready``) instead of all at once: a row that stays
