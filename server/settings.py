@@ -37,6 +37,20 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HPR_", extra="ignore", env_ignore_empty=True, frozen=True)
 
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="Engine: hf (our continuous-batching engine on transformers; every model family, the exactness "
+        "reference) or vllm (vLLM's engine with the edits inside its forward; needs vLLM installed). "
+        "docs/server.md, 'Backends'.",
+    )
+    vllm_arg: StrList = Field(
+        default_factory=list,
+        description="With --backend vllm: a vLLM engine argument as KEY=VALUE (the value as JSON when it parses), "
+        "e.g. max_num_seqs=64, enforce_eager=true, tensor_parallel_size=2.",
+    )
+    vllm_config: Path | None = Field(
+        default=None, description="With --backend vllm: a JSON file of vLLM engine arguments (--vllm-arg wins)."
+    )
     model: str = Field(
         default=EMBEDDED_MODEL_ID,
         description="Base model: a Hugging Face directory, a hub id, a .gguf file, or the embedded default.",
@@ -160,7 +174,7 @@ class ServerSettings(BaseSettings):
     )
     log_level: LogLevel = Field(default="info", description="Log level of the server and uvicorn.")
 
-    @field_validator("adapter", "api_key", "cors_origin", mode="before")
+    @field_validator("adapter", "api_key", "cors_origin", "vllm_arg", mode="before")
     @classmethod
     def _lists_from_env(cls, value: Any) -> Any:
         return _split_list(value)
@@ -187,6 +201,23 @@ class ServerSettings(BaseSettings):
                 f"--max-step-tokens {self.max_step_tokens} must exceed --max-batch-size {self.max_batch_size}: the "
                 "running rows alone would take the whole budget and no prefill chunk would fit"
             )
+        if self.backend == "vllm":
+            hf_only = [
+                flag
+                for flag, on in (
+                    ("--compile-decode", self.compile_decode),
+                    ("--quantization int8", self.quantization != "none"),
+                    ("--max-step-tokens", bool(self.max_step_tokens)),
+                )
+                if on
+            ]
+            if hf_only:
+                raise ValueError(
+                    f"{', '.join(hf_only)}: options of --backend hf; with --backend vllm pass vLLM's own through "
+                    "--vllm-arg (e.g. max_num_batched_tokens=512)"
+                )
+        elif self.vllm_arg or self.vllm_config is not None:
+            raise ValueError("--vllm-arg and --vllm-config need --backend vllm")
         if self.compile_autotune and not self.compile_decode:
             raise ValueError("--compile-autotune tunes the compiled decode step: it needs --compile-decode")
         return self
