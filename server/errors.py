@@ -123,7 +123,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     loc = tuple(first.get("loc", ()))
     if loc == ("body",):
         if first.get("type") == "missing":
-            return APIError(400, "the request needs a JSON body", code="invalid_json")
+            # fastapi 0.136 also reports a `null` body as missing
+            return APIError(400, "the request needs a body: a JSON object", code="invalid_json")
         return APIError(400, "the request body must be a JSON object", code="invalid_json")
     param = _param_from_loc(loc)
     # A union field (e.g. `stop`, `hpr.layers`) reports one error per alternative: say them together.

@@ -185,6 +185,7 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # cumulative
     edit_stats: EditStats | None = None  # last event only, when return_stats
+    cached_prompt_tokens: int | None = None  # prompt tokens served from a prefix cache (backends that have one)
 
 
 class EngineObserver(Protocol):

@@ -139,7 +139,10 @@ class VLLMEngine:
         deadline = time.monotonic() + drain_timeout
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.llm.shutdown()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm  # collected now: AsyncLLM.__del__ would otherwise shut down again at interpreter exit
 
     @property
     def queue_depth(self) -> int:
@@ -284,6 +287,7 @@ class VLLMEngine:
                     prompt_tokens=len(request.prompt_ids),
                     completion_tokens=completion,
                     edit_stats=stats,
+                    cached_prompt_tokens=getattr(out, "num_cached_tokens", None),
                 )
                 if finished:
                     return
