@@ -58,7 +58,7 @@ def test_an_architecture_the_vllm_backend_does_not_edit_is_refused(tmp_path: Pat
 
 
 def test_hf_only_options_and_vllm_options_are_refused_with_the_other_backend() -> None:
-    with pytest.raises(ValidationError, match="--compile-decode.*--backend hf"):
+    with pytest.raises(ValidationError, match=r"--compile-decode.*--backend hf"):
         ServerSettings(backend="vllm", compile_decode=True)
     with pytest.raises(ValidationError, match="--quantization int8"):
         ServerSettings(backend="vllm", quantization="int8")
