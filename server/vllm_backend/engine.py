@@ -73,6 +73,12 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     os.environ[ENV_FLAG] = "1"  # the plugin instruments the model in the processes vLLM starts from here
+    if device_type(settings) == "cpu":
+        # vLLM 0.32 cannot reload its AOT compile artifacts on a CPU ("'function' object has no attribute
+        # 'finalize_loading'": the CPU's DYNAMO_TRACE_ONCE mode compiles with plain inductor) and compiles anew at
+        # every start (76-110 s here). Without AOT, inductor's own cache serves later starts (32 s). A user's
+        # VLLM_USE_AOT_COMPILE wins.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     from vllm.v1.engine.async_llm import AsyncLLM
 
     started = time.monotonic()
@@ -102,6 +108,10 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
         llm.vllm_config.compilation_config.mode,
     )  # fmt: skip
     return engine
+
+
+def device_type(settings: ServerSettings) -> str:
+    return resolve_device(settings.device).type
 
 
 def _salt(spec: EditSpec, key: str) -> str | None:

@@ -62,6 +62,20 @@ def user_engine_args(settings: ServerSettings) -> dict[str, Any]:
     return given
 
 
+EDIT_OPS = ["hpr::edit_residual_", "hpr::edit_hidden_"]
+
+
+def cuda_compilation_config() -> dict[str, Any]:
+    """On a GPU: the edit ops split vLLM's compiled graph as attention does, so they run eagerly between piecewise
+    CUDA graphs (a captured graph would replay the first step's edit plan forever); full CUDA graphs are off.
+    Untested here (no GPU on the development machines): bench/gpu_check.sh checks it on a CUDA host."""
+    from vllm.config import CompilationConfig
+
+    attention = list(CompilationConfig._attention_ops)
+    kv_updates = ["vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]
+    return {"cudagraph_mode": "PIECEWISE", "splitting_ops": [*attention, *kv_updates, *EDIT_OPS]}
+
+
 def engine_args_for(settings: ServerSettings, source: str, model_id: str) -> Any:
     """The ``AsyncEngineArgs`` that start vLLM on ``source`` with the edit machinery."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -81,6 +95,8 @@ def engine_args_for(settings: ServerSettings, source: str, model_id: str) -> Any
         # On a CPU vLLM reserves gpu_memory_utilization (0.92) of the machine's memory and refuses to start when
         # that much is not free; a fixed KV cache budget starts anywhere (tokens: budget / per-token KV bytes).
         args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if device.type == "cuda":
+        args["compilation_config"] = cuda_compilation_config()
     if settings.max_model_len is not None:
         args["max_model_len"] = settings.max_model_len
     args.update(user_engine_args(settings))
