@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a CUDA host (≤ 10 min): the `gpu`-marked tests (the edit's CUDA path in bf16 with fp32 math and
 # no host sync, the engine on CUDA, a 32-stream throughput figure), then a short server benchmark (hpr-serve: no
-# edit / top-5 / all layers, 32 streams × 32 tokens, 2 ABBA rounds), then one summary.
+# edit / top-5 / all layers, 32 streams × 32 tokens, 2 ABBA rounds), the vllm backend against the hf backend
+# (bench/vllm_exactness.py, 32 prompts), then one summary.
 #
 #   bash bench/gpu_check.sh            # from the repository root, after `make setup-dev` with a CUDA torch build
 #
@@ -28,6 +29,14 @@ echo "gpu_check: server benchmark (log: $OUT/servers.log) ..."
 timeout 240 "$PY" bench/compare_servers.py --scenarios edits --rounds 2 --max-tokens 32 --time-limit 60 \
     --json "$OUT/servers.json" >"$OUT/servers.log" 2>&1
 bench_rc=$?
+
+# The vllm backend on the GPU (piecewise CUDA graphs, the edit ops between them): its texts against the hf
+# backend's, per edit configuration. bf16 on both: equality is not expected to be 100 % as on the CPU in fp32.
+echo "gpu_check: vllm backend vs hf backend (log: $OUT/vllm.log) ..."
+timeout 420 "$PY" bench/vllm_exactness.py --device auto --prompts 32 --max-tokens 24 \
+    --json "$OUT/vllm.json" >"$OUT/vllm.log" 2>&1
+vllm_rc=$?
+echo "vllm backend (exit $vllm_rc):"; grep -A8 '^configuration' "$OUT/vllm.log" || tail -5 "$OUT/vllm.log"
 
 "$PY" - "$OUT" "$tests_rc" "$bench_rc" "$started" <<'EOF'
 import json, sys, time
@@ -72,4 +81,4 @@ else:
     print(f"server benchmark: no results (exit {bench_rc}); see {out / 'servers.log'}")
 print(f"logs and JSON: {out}")
 EOF
-if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then exit 1; fi
+if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$vllm_rc" -ne 0 ]; then exit 1; fi

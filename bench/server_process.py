@@ -42,6 +42,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
     threads: int | None = None  # torch intra-op threads (OMP_NUM_THREADS), the same for every server; None: default
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the server process
 
     @property
     def base_url(self) -> str:
@@ -60,6 +61,7 @@ class ServerProcess:
             env = dict(os.environ)
             if self.threads:
                 env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+            env.update(self.env)
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env
             )

@@ -37,6 +37,8 @@ import load_generator
 from server_process import REPO, VENV_BIN, ServerProcess, bench_adapter
 
 ADAPTER = "truthfulqa"
+# The dearest edit: every trained layer, every position, every generated token (the adapter's alpha).
+ALL_LAYERS = {"adapter": ADAPTER, "layers": "all", "scope": "all", "edit_tokens": "all"}
 KV_BYTES = str(2 * 1024**3)
 
 
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=94)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch1-max-tokens", type=int, default=128)
+    parser.add_argument("--bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND for both vLLM servers (e.g. auto)")
     parser.add_argument("--skip", default="", help="comma list of server names not to run: hf, plain")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
@@ -109,6 +112,9 @@ def main() -> None:
     from hpr.model import resolve_model_source
 
     model_id, model_dir = resolve_model_source("smollm2-135m-instruct")
+    # vLLM's CPU worker binds one OpenMP thread per listed core; its default ("auto") keeps one core of two for
+    # its front end and computes on the other. --threads binds the same number as the hf backend's torch threads.
+    vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": args.bind or f"0-{args.threads - 1}"}
     common = ["--port", "{port}", "--host", "127.0.0.1", "--max-batch-size", str(args.concurrency)]
     servers = {
         "vllm": ServerProcess(
@@ -117,6 +123,7 @@ def main() -> None:
             work,
             model_id,
             threads=args.threads,
+            env=vllm_env,
         ),
         "hf": ServerProcess(
             "hf-backend",
@@ -156,6 +163,7 @@ def main() -> None:
             work,
             model_id,
             threads=args.threads,
+            env=vllm_env,
         ),
     }
     for name in [s for s in args.skip.split(",") if s]:
@@ -171,7 +179,7 @@ def main() -> None:
             n,
             c,
             args.max_tokens,
-            {"adapter": ADAPTER, "layers": "all"},
+            ALL_LAYERS,
         ),
         Config("plain vLLM", "plain", model_id, n, c, args.max_tokens),
         Config("hf backend, no edit", "hf", model_id, n, c, args.max_tokens),

@@ -66,8 +66,8 @@ async def run_backend(
         vllm_arg=args.vllm_arg if backend == "vllm" else [],
         max_batch_size=args.batch,
         max_queue=max(256, args.prompts),
-        device="cpu",
-        dtype="float32",
+        device=args.device,
+        dtype="auto" if args.device != "cpu" else "float32",
         num_threads=args.threads,
     )
     registry = AdapterRegistry()
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of both engines")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the hf engine")
     parser.add_argument("--vllm-arg", action="append", default=[], help="passed to --backend vllm; repeatable")
+    parser.add_argument("--device", default="cpu", help="auto: CUDA (bf16) when present")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
     report = asyncio.run(main_async(args))

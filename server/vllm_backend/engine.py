@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +80,12 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
         # every start (76-110 s here). Without AOT, inductor's own cache serves later starts (32 s). A user's
         # VLLM_USE_AOT_COMPILE wins.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        preload = cpu_preload()
+        if preload and "LD_PRELOAD" not in os.environ:  # for the processes vLLM starts, not this one
+            os.environ["LD_PRELOAD"] = preload
+            log.info("vLLM's processes preload %s (vLLM's advice for CPUs)", preload)
+        if settings.num_threads is not None:  # vLLM's CPU worker binds one OpenMP thread per listed core
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{settings.num_threads - 1}")
     from vllm.v1.engine.async_llm import AsyncLLM
 
     started = time.monotonic()
@@ -108,6 +115,17 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
         llm.vllm_config.compilation_config.mode,
     )  # fmt: skip
     return engine
+
+
+def cpu_preload() -> str:
+    """What vLLM's CPU guide asks to preload: tcmalloc (when the system has it) and Intel's OpenMP runtime (the
+    intel-openmp package vLLM-CPU depends on). Measured here: +6-9 % tok/s at 32 streams, +9-12 % at batch 1."""
+    import glob
+    import sys
+
+    tcmalloc = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4") + glob.glob("/usr/lib/libtcmalloc_minimal.so.4"))
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    return ":".join([*tcmalloc[:1], *([str(iomp)] if iomp.is_file() else [])])
 
 
 def device_type(settings: ServerSettings) -> str:

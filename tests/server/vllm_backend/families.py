@@ -17,7 +17,7 @@ from tests.server.conftest import make_tiny_tokenizer
 HIDDEN = 128
 LAYERS = 4
 
-FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 
 
 def _config(family: str, vocab: int, eos: int) -> Any:
@@ -38,9 +38,11 @@ def _config(family: str, vocab: int, eos: int) -> Any:
         "tie_word_embeddings": False,
         "initializer_range": 0.2,
     }
-    if family == "gemma3_text":
+    if family in ("gemma2", "gemma3_text"):
         common.update(sliding_window=1024, query_pre_attn_scalar=64)
-    if family in ("qwen2", "mistral"):
+    if family == "gemma2":
+        common.update(tie_word_embeddings=True)  # as every Gemma 2; vLLM's Gemma2ForCausalLM has no lm_head
+    if family in ("qwen2", "qwen3", "mistral"):
         common.update(sliding_window=None)
     return AutoConfig.for_model(family, **common)
 
