@@ -16,6 +16,8 @@ FORMAT ?= qa
 ALPHA  ?= 0.5
 SCOPE  ?= generated
 EDIT_TOKENS ?= 2
+# The engine: hf (ours, the default: docs/server.md "Backends" says why) or vllm (vLLM's, with the edits inside it).
+BACKEND ?= hf
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # Extra pip arguments, e.g. PIP_ARGS="--find-links /wheels" for offline builds.
@@ -68,7 +70,7 @@ eval: checkpoint
 		--config served=$(ADAPTER) --config mc-optimal=$(ADAPTER):alpha=2:scope=all:tokens=all
 
 serve: checkpoint
-	$(BIN)/hpr-serve --adapter truthfulqa=$(CHECKPOINT) --host $(HOST) --port $(PORT)
+	$(BIN)/hpr-serve --backend $(BACKEND) --adapter truthfulqa=$(CHECKPOINT) --host $(HOST) --port $(PORT)
 
 test: setup-dev
 	$(BIN)/ruff check .

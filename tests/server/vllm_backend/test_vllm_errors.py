@@ -75,3 +75,29 @@ def test_vllm_arguments_parse_as_json_values() -> None:
     assert parse_vllm_arg("dtype=bfloat16") == ("dtype", "bfloat16")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_vllm_arg("enforce_eager")
+
+
+def test_a_model_vllm_cannot_load_is_a_clear_error_and_leaves_no_process(tmp_path: Path) -> None:
+    """A llama directory whose weights file is not safetensors: vLLM's engine fails to start; the error names the
+    directory, and none of the processes vLLM started is left running."""
+    require_vllm()
+    import shutil
+
+    import psutil
+
+    model = save_family_model(tmp_path / "broken", "llama")
+    for weights in model.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ModelLoadError, match="vLLM could not load the model") as failure:
+        factory(ServerSettings(model=str(model), backend="vllm", vllm_arg=["enforce_eager=true"]))
+    assert str(model) in str(failure.value)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
+    # multiprocessing's resource tracker stays for the life of this process whatever vLLM does: not vLLM's
+    alive = [
+        p
+        for p in left
+        if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert alive == [], [p.name() for p in alive]
+    shutil.rmtree(model)
