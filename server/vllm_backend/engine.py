@@ -170,7 +170,9 @@ class VLLMEngine:
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()
-            del llm  # collected now: AsyncLLM.__del__ would otherwise shut down again at interpreter exit
+            # Done: AsyncLLM.__del__ calls shutdown again, at interpreter exit when its module's globals are gone
+            # (a "'NoneType' object is not callable" traceback on every clean stop).
+            llm.shutdown = lambda timeout=None: None
 
     @property
     def queue_depth(self) -> int:

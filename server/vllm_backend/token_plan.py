@@ -72,6 +72,7 @@ class TokenGroup:
     tokens: Tensor  # (n,) long: indices into the step's packed tokens
     alpha: Tensor  # (n,) float32: each token's request's strength
     rows: Tensor | None  # (n,) long: each token's row in TokenPlan.sums (None: no statistics wanted)
+    every_token: bool = False  # tokens == arange(num_tokens): the op edits the step's tensor without a gather
 
 
 @dataclass
@@ -132,14 +133,17 @@ def build_token_plan(
     if not keyed:
         return None
     groups: dict[int, list[TokenGroup]] = {}
+    total = int(sum(token_counts))
     for (layer, adapter, counted), (tokens, alphas, rows) in sorted(keyed.items()):
+        index = torch.cat(tokens)  # ascending: requests in batch order, each one's positions in order
         groups.setdefault(layer, []).append(
             TokenGroup(
                 adapter=adapter,
-                tokens=torch.cat(tokens).to(device, non_blocking=True),
+                tokens=index.to(device, non_blocking=True),
                 alpha=torch.cat(alphas).to(device, non_blocking=True),
                 rows=torch.cat(rows).to(device, non_blocking=True) if counted else None,
+                every_token=index.numel() == total,
             )
         )
     sums = torch.zeros((len(stat_ids), num_layers, 3), dtype=torch.float32, device=device) if stat_ids else None
-    return TokenPlan(num_tokens=int(sum(token_counts)), groups=groups, stat_ids=stat_ids, sums=sums)
+    return TokenPlan(num_tokens=total, groups=groups, stat_ids=stat_ids, sums=sums)

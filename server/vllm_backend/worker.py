@@ -92,8 +92,12 @@ class WorkerEditState:
         x = hidden[:n] + residual[:n] if residual is not None else hidden[:n].clone()  # (n, h): the residual stream
         for group in groups:
             module = self.adapters[group.adapter].edit_module(layer)
-            result = module.edit(x.index_select(0, group.tokens), group.alpha)  # (k, h)
-            x.index_copy_(0, group.tokens, result.output)
+            if group.every_token:  # the whole step: no gather, no scatter
+                result = module.edit(x, group.alpha)  # (n, h)
+                x = result.output
+            else:
+                result = module.edit(x.index_select(0, group.tokens), group.alpha)  # (k, h)
+                x.index_copy_(0, group.tokens, result.output)
             if group.rows is not None and plan.sums is not None:
                 seen = torch.ones_like(group.alpha)
                 update = torch.stack([seen, result.changed.float(), result.amount.float()], dim=-1)  # (k, 3)

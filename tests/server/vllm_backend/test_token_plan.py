@@ -49,3 +49,13 @@ def test_extra_args_round_trip_and_a_noop_edit_is_none() -> None:
     assert RequestEdit.from_extra_args(None) is None
     assert RequestEdit.from_extra_args({"other": 1}) is None
     assert RequestEdit.from_extra_args(RequestEdit(EditSpec("k", (), alpha=1.0), "r").to_extra_args()) is None
+
+
+def test_a_group_of_every_token_of_the_step_is_marked_so_the_op_skips_the_gather() -> None:
+    spec = EditSpec("a", (0,), alpha=1.0, scope="all")
+    both = [RequestEdit(spec, "r0"), RequestEdit(spec, "r1")]
+    whole = plan_of(both, [3, 2], [3, 2], [0, 0])
+    assert whole is not None and [g.every_token for g in whole.groups[0]] == [True]
+    assert whole.groups[0][0].tokens.tolist() == [0, 1, 2, 3, 4]
+    part = plan_of([both[0], None], [3, 2], [3, 2], [0, 0])
+    assert part is not None and [g.every_token for g in part.groups[0]] == [False]

@@ -94,10 +94,6 @@ def test_a_model_vllm_cannot_load_is_a_clear_error_and_leaves_no_process(tmp_pat
     assert str(model) in str(failure.value)
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
     # multiprocessing's resource tracker stays for the life of this process whatever vLLM does: not vLLM's
-    alive = [
-        p
-        for p in left
-        if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    alive = [p for p in left if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
     assert alive == [], [p.name() for p in alive]
     shutil.rmtree(model)
