@@ -215,9 +215,9 @@ def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Ru
         raise
     info = engine.info
     log.info(
-        "loaded %s (%d layers, hidden %d, context %d) and %d adapter(s) %s in %.1f s",
-        info.model_id, info.num_layers, info.hidden_size, info.max_model_len, len(registry.names()),
-        registry.names(), time.monotonic() - started,
+        "loaded %s (%d layers, hidden %d, context %d; %s on %s, backend %s) and %d adapter(s) %s in %.1f s",
+        info.model_id, info.num_layers, info.hidden_size, info.max_model_len, info.dtype, info.device,
+        settings.backend, len(registry.names()), registry.names(), time.monotonic() - started,
     )  # fmt: skip
     return runtime
 

@@ -39,6 +39,8 @@ class ModelInfo:
     num_layers: int  # decoder layers (what `hpr.layers` may name)
     hidden_size: int
     tokenizer: Any  # a Hugging Face tokenizer with the chat template
+    device: str = "unknown"  # where the model runs: "cpu", "cuda:0", ... (logged at startup)
+    dtype: str = "unknown"  # the model's dtype, e.g. "torch.float32"
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, max_model_len: int | None = None) -> ModelInfo:
@@ -56,6 +58,8 @@ class ModelInfo:
             num_layers=loaded.num_layers,
             hidden_size=loaded.hidden_size,
             tokenizer=loaded.tokenizer,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype),
         )
 
 

@@ -107,6 +107,8 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
         num_layers=num_layers,
         hidden_size=hidden,
         tokenizer=tokenizer,
+        device=str(device),
+        dtype=str(model_config.dtype),
     )
     engine = VLLMEngine(llm, registry, info)
     log.info(
