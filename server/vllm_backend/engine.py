@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from hpr.checkpoint import HPRAdapter
 from hpr.edit_spec import EditSpec
 from hpr.edit_stats import EditStats
-from hpr.errors import ModelLoadError
+from hpr.errors import ModelLoadError, UnknownAdapterError
 from hpr.model import resolve_device, resolve_model_source
 from hpr.registry import AdapterRegistry
 from server.engine.types import (
@@ -42,6 +42,7 @@ from server.engine.types import (
 from server.settings import ServerSettings
 from server.vllm_backend.engine_args import engine_args_for
 from server.vllm_backend.plugin import ENV_FLAG, SUPPORTED
+from server.vllm_backend.plugin import __name__ as plugin_module
 from server.vllm_backend.token_plan import RequestEdit
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
             f"(model_type {model_type!r}): use --backend hf"
         )
     args = engine_args_for(settings, source, model_id)  # unknown --vllm-arg: an error before anything loads
+    if not plugin_installed():
+        raise ModelLoadError(
+            "the hpr plugin of vLLM is not registered (entry point vllm.general_plugins 'hpr'): reinstall hpr-serve "
+            "(pip install -e . or make setup) so vLLM's processes can load the edits"
+        )
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -117,6 +123,13 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
         llm.vllm_config.compilation_config.mode,
     )  # fmt: skip
     return engine
+
+
+def plugin_installed() -> bool:
+    """Whether vLLM will find our general plugin (the package's entry point) in the processes it starts."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value == f"{plugin_module}:register" for ep in entry_points(group="vllm.general_plugins"))
 
 
 def cpu_preload() -> str:
@@ -207,7 +220,19 @@ class VLLMEngine:
             self._worker_keys[name] = (adapter, key)
             if known is not None:
                 await self.llm.collective_rpc("hpr_drop_adapter", args=(known[1],))
+            await self._drop_unloaded()
             return key
+
+    async def _drop_unloaded(self) -> None:
+        """Free the workers' copies of adapters the registry no longer holds (unloaded, their requests done)."""
+        for name, (adapter, key) in list(self._worker_keys.items()):
+            try:
+                current = self.registry.get(name)
+            except UnknownAdapterError:
+                current = None
+            if current is not adapter:
+                del self._worker_keys[name]
+                await self.llm.collective_rpc("hpr_drop_adapter", args=(key,))
 
     # ---- requests -------------------------------------------------------------------------------------------
     def _check(self, request: GenerationRequest) -> EditSpec | None:

@@ -139,6 +139,12 @@ def test_an_adapter_reloaded_under_its_name_edits_with_its_new_weights(servers: 
     for mine, theirs in zip(logprobs["vllm"], logprobs["hf"], strict=True):
         assert mine == pytest.approx(theirs, abs=2e-3)
     assert logprobs["vllm"][0] != pytest.approx(logprobs["vllm"][1], abs=1e-2)  # v4 is not served with v3's weights
+    # The workers drop an unloaded adapter's copy the next time one is sent to them.
+    live = servers["vllm"]
+    assert httpx.post(live.api_base + "/adapters", json={"name": "rt2", "path": "v3"}, headers=admin).status_code == 200
+    assert completion(live, {"adapter": "rt2"}, PROMPTS[0]).status_code == 200
+    assert "rt2" in live.engine._worker_keys and "rt" not in live.engine._worker_keys
+    assert httpx.delete(live.api_base + "/adapters/rt2", headers=admin, timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize(
