@@ -49,10 +49,9 @@ from server.engine.types import (
     EngineStoppedError,
     GenerationOutput,
     GenerationRequest,
-    InvalidRequestError,
     ModelInfo,
-    PromptTooLongError,
     QueueFullError,
+    check_request,
 )
 
 log = logging.getLogger(__name__)
@@ -239,25 +238,8 @@ class Engine:
     def _submit(self, request: GenerationRequest) -> RequestState:
         if self._stopping or self._thread is None or not self._thread.is_alive():
             raise EngineStoppedError("the engine is not running")
-        prompt = request.prompt_ids
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        edit, room = check_request(request, self.info)
         sampling = request.sampling
-        for name, ids in (("logit_bias", list(sampling.logit_bias)), ("stop_token_ids", list(sampling.stop_token_ids))):
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequestError(f"{name} token ids must be in [0, {self.vocab_size})", name)
-        room = self.max_model_len - len(prompt)
-        if room < 0 or (room == 0 and sampling.max_tokens > 0):
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
-                f"(prompt + at least one generated token)",
-                "prompt",
-            )
-        edit = request.edit if request.edit is not None and not request.edit.is_noop else None
-        if edit is not None and any(not 0 <= layer < self.info.num_layers for layer in edit.layers):
-            raise InvalidRequestError(f"layers {list(edit.layers)} out of range", "hpr.layers")
         stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self.eos_ids)
         state = RequestState(
             request=request,

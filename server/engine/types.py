@@ -200,3 +200,30 @@ class EngineObserver(Protocol):
     def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
     def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_edit(self, layer: int, tokens: int) -> None: ...
+
+
+def check_request(request: GenerationRequest, info: ModelInfo) -> tuple[EditSpec | None, int]:
+    """What every backend checks before it admits ``request``: token ids in the vocabulary, a prompt that leaves
+    room in the context, edited layers the model has. Returns (the edit, None for none or a no-op; the room left
+    for generated tokens); raises :class:`InvalidRequestError` / :class:`PromptTooLongError`."""
+    prompt = request.prompt_ids
+    vocab = info.vocab_size
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
+    if any(not 0 <= t < vocab for t in prompt):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+    sampling = request.sampling
+    for name, ids in (("logit_bias", list(sampling.logit_bias)), ("stop_token_ids", list(sampling.stop_token_ids))):
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
+    room = info.max_model_len - len(prompt)
+    if room < 0 or (room == 0 and sampling.max_tokens > 0):
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt)} tokens; the context holds {info.max_model_len} "
+            f"(prompt + at least one generated token)",
+            "prompt",
+        )
+    edit = request.edit if request.edit is not None and not request.edit.is_noop else None
+    if edit is not None and any(not 0 <= layer < info.num_layers for layer in edit.layers):
+        raise InvalidRequestError(f"layers {list(edit.layers)} out of range", "hpr.layers")
+    return edit, room

@@ -34,10 +34,9 @@ from server.engine.types import (
     EngineStoppedError,
     GenerationOutput,
     GenerationRequest,
-    InvalidRequestError,
     ModelInfo,
-    PromptTooLongError,
     TokenLogprob,
+    check_request,
 )
 from server.settings import ServerSettings
 from server.vllm_backend.engine_args import engine_args_for
@@ -238,27 +237,7 @@ class VLLMEngine:
     def _check(self, request: GenerationRequest) -> EditSpec | None:
         if self._stopping or not self._started:
             raise EngineStoppedError("the engine is not running")
-        prompt = request.prompt_ids
-        vocab = self.info.vocab_size
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
-        if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        sampling = request.sampling
-        for name, ids in (("logit_bias", list(sampling.logit_bias)), ("stop_token_ids", list(sampling.stop_token_ids))):
-            if any(not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
-        room = self.info.max_model_len - len(prompt)
-        if room < 0 or (room == 0 and sampling.max_tokens > 0):
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt)} tokens; the context holds {self.info.max_model_len} "
-                f"(prompt + at least one generated token)",
-                "prompt",
-            )
-        edit = request.edit if request.edit is not None and not request.edit.is_noop else None
-        if edit is not None and any(not 0 <= layer < self.info.num_layers for layer in edit.layers):
-            raise InvalidRequestError(f"layers must be in [0, {self.info.num_layers})", "hpr.layers")
-        return edit
+        return check_request(request, self.info)[0]
 
     def _sampling_params(self, request: GenerationRequest, extra: dict[str, Any] | None) -> Any:
         from vllm import SamplingParams as VSamplingParams
