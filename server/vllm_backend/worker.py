@@ -75,6 +75,9 @@ class WorkerEditState:
             return
         counts = runner.num_scheduled_tokens.np[:num_reqs].tolist()
         total = int(sum(counts))
+        if total > positions.shape[0]:  # not this batch's forward (a dummy or padding run): nothing to edit
+            self.plan = None
+            return
         host_positions = positions[:total].cpu() if positions.device.type != "cpu" else positions[:total]
         self.plan = build_token_plan(
             edits, request_ids, prompts, counts, host_positions, self.num_layers, positions.device
