@@ -69,6 +69,7 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
             f"{source}: --backend vllm edits the architectures {sorted(SUPPORTED)}; this model is {architectures} "
             f"(model_type {model_type!r}): use --backend hf"
         )
+    device = resolve_device(settings.device)
     args = engine_args_for(settings, source, model_id)  # unknown --vllm-arg: an error before anything loads
     if not plugin_installed():
         raise ModelLoadError(
@@ -79,7 +80,7 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     os.environ[ENV_FLAG] = "1"  # the plugin instruments the model in the processes vLLM starts from here
-    if device_type(settings) == "cpu":
+    if device.type == "cpu":
         # vLLM 0.32 cannot reload its AOT compile artifacts on a CPU ("'function' object has no attribute
         # 'finalize_loading'": the CPU's DYNAMO_TRACE_ONCE mode compiles with plain inductor) and compiles anew at
         # every start (76-110 s here). Without AOT, inductor's own cache serves later starts (32 s). A user's
@@ -102,7 +103,6 @@ def vllm_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> 
     text_config = model_config.hf_text_config
     num_layers = int(text_config.num_hidden_layers)
     hidden = int(text_config.hidden_size)
-    device = resolve_device(settings.device)
     registry.bind(hidden, num_layers, device)
     info = ModelInfo(
         model_id=args.served_model_name[0] if args.served_model_name else model_id,
@@ -142,12 +142,8 @@ def cpu_preload() -> str:
     return ":".join([*tcmalloc[:1], *([str(iomp)] if iomp.is_file() else [])])
 
 
-def device_type(settings: ServerSettings) -> str:
-    return resolve_device(settings.device).type
-
-
-def _salt(spec: EditSpec, key: str) -> str | None:
-    """The prefix-cache salt of an edit that changes prompt positions' KV (None: the edit leaves them as the base).
+def _salt(spec: EditSpec, key: str) -> str:
+    """The prefix-cache salt of an edited request: every edit changes some prompt position's KV.
 
     Scope ``all`` edits every prompt position; scope ``generated`` edits the last prompt token, whose KV a longer
     prompt with the same prefix would reuse. Either way the cached blocks depend on the edit: the salt keys them by
@@ -246,7 +242,7 @@ class VLLMEngine:
         s = request.sampling
         room = self.info.max_model_len - len(request.prompt_ids)
         return VSamplingParams(
-            max_tokens=max(1, min(s.max_tokens, room)),
+            max_tokens=max(1, min(s.max_tokens, room)),  # scoring the prompt only (0): vLLM generates one anyway
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
@@ -280,12 +276,8 @@ class VLLMEngine:
                 key = await self._worker_key(edit.adapter)
                 worker_spec = EditSpec(key, edit.layers, edit.alpha, edit.scope, edit.tokens)
                 extra = RequestEdit(worker_spec, request_id=rid, stats=request.return_stats).to_extra_args()
-                salt = _salt(edit, key)
-                if salt is not None:
-                    prompt["cache_salt"] = salt
+                prompt["cache_salt"] = _salt(edit, key)
             params = self._sampling_params(request, extra)
-            if request.sampling.max_tokens == 0:  # scoring the prompt only: vLLM generates at least one token
-                params.max_tokens = 1
             completion = 0
             started = time.perf_counter()
             last = started
