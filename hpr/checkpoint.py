@@ -155,7 +155,7 @@ class HPRAdapter(nn.Module):
         src = where or self.source or self.name
         if self.config.hidden_size != hidden_size or self.config.num_layers != num_layers:
             raise CheckpointError(
-                f"{src}: adapter was trained for hidden_size={self.config.hidden_size}, "
+                f"{src}: adapter was trained ({CONFIG_NAME}) for hidden_size={self.config.hidden_size}, "
                 f"num_layers={self.config.num_layers} ({self.config.base_model}), but the base model has "
                 f"hidden_size={hidden_size}, num_layers={num_layers}"
             )

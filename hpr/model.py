@@ -197,6 +197,46 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str]:
     return name_or_path, name_or_path  # a hub id; honours HF_HUB_OFFLINE
 
 
+def read_model_config(name_or_path: str) -> Any:
+    """The transformers config of the model ``name_or_path`` names, before any weight loads. Raises
+    :class:`ModelLoadError` naming ``config.json`` and the field when transformers has no causal language model for
+    it (an unknown ``model_type``, or ``architectures`` that name only classes transformers lacks)."""
+    import json
+
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    _, source = resolve_model_source(name_or_path)
+    where = Path(source) / "config.json"
+    if where.is_file():
+        try:
+            raw = json.loads(where.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{where}: not a readable JSON config: {exc}") from exc
+        model_type = raw.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ModelLoadError(
+                f"{where}: model_type {model_type!r} is not a model type transformers {transformers.__version__} "
+                f"knows (architectures: {raw.get('architectures')})"
+            )
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelLoadError(
+                f"{where}: model_type {model_type!r} has no causal language model in transformers "
+                f"{transformers.__version__}: the server generates text"
+            )
+        architectures = raw.get("architectures") or []
+        if architectures and not any(hasattr(transformers, name) for name in architectures):
+            raise ModelLoadError(
+                f"{where}: architectures {architectures} names no class transformers {transformers.__version__} has "
+                "(custom code is not run: trust_remote_code is off)"
+            )
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{name_or_path}: cannot read the model's config: {exc}") from exc
+
+
 QUANTIZATIONS = ("none", "int8")
 
 
@@ -218,8 +258,22 @@ def quantize_weights(model: nn.Module, method: str | None) -> str | None:
     # the engine ran at 0.46x fp32 with the head quantized, docs/benchmarks.md).
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    if not linear:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise ModelLoadError(
+            f"quantization int8: model type {model_type!r} has no nn.Linear layers to quantize (its layers are "
+            f"{_layer_kinds(model)}); run it without --quantization"
+        )
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, _fqn: isinstance(m, nn.Linear) and m is not head)
     return method
+
+
+def _layer_kinds(model: nn.Module) -> str:
+    """The class names of the modules holding weight matrices, e.g. "Conv1D" for GPT-2."""
+    kinds = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None and
+                    getattr(m.weight, "ndim", 0) == 2 and not isinstance(m, nn.Embedding)})  # fmt: skip
+    return ", ".join(kinds) or "none"
 
 
 def load_model(
@@ -236,9 +290,10 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     resolved_id, source = resolve_model_source(name_or_path)
+    config = read_model_config(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{name_or_path}: cannot load model: {exc}") from exc
     model = model.to(dev)  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 
 from hpr.checkpoint import HPRAdapter
 from hpr.errors import AdapterConflictError, HPRError
-from hpr.model import load_model
+from hpr.model import load_model, read_model_config
 from hpr.registry import AdapterRegistry
 from server.engine.types import EngineObserver, GenerationOutput, GenerationRequest, ModelInfo
 from server.errors import APIError
@@ -73,11 +73,14 @@ def hf_engine_factory(settings: ServerSettings, registry: AdapterRegistry) -> En
     """The in-process Hugging Face backend: transformers model, forward hooks, continuous batching."""
     from server.allocator import keep_freed_memory
     from server.engine.engine import Engine
+    from server.engine.support import check_options
 
     if settings.num_threads is not None:
         torch.set_num_threads(settings.num_threads)
     if settings.malloc_tuning:
         keep_freed_memory()  # process-wide, like the thread count: before the model's memory is allocated
+    # options the model cannot use stop here, after its config is read and before its weights load
+    check_options(read_model_config(settings.model), settings.compile_decode, settings.quantization)
     loaded = load_model(
         settings.model,
         settings.device,
@@ -242,7 +245,8 @@ async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
         state.runtime = runtime
         log.info("ready: serving %s", runtime.base_id)
     except Exception as exc:
-        log.critical("startup failed: %s", exc, exc_info=exc)
+        # an error raised on purpose says what is wrong: the traceback only for the unexpected
+        log.critical("startup failed: %s", exc, exc_info=None if isinstance(exc, HPRError) else exc)
         state.load_error = f"{type(exc).__name__}: {exc}"
         callback: Callable[[str], None] | None = getattr(state, "on_load_failure", None)
         if callback is not None:

@@ -20,7 +20,8 @@ step is a function of tensors:
   fp32: 0.65-0.8 GB per graph, bench/compiled_memory.py). After ``max_graphs`` graphs, a step that would need
   another runs eagerly (:meth:`CompiledDecoder.forward` returns None), so varied edits cannot exhaust memory.
 
-Only for Llama-type models with SDPA attention (the layer loop below is Llama's forward), as the mixed prefill.
+Only for models whose loop is Llama's (:data:`~server.engine.mixed.MIXABLE_MODEL_TYPES`), with SDPA attention and
+no sliding window, as the mixed prefill; :func:`server.engine.support.check_options` refuses the rest at startup.
 On CUDA the same graph runs without CUDA graphs (``mode="default"``): the batch size is not bucketed here.
 """
 
@@ -38,7 +39,7 @@ from hpr.edit_stats import SUMS
 from hpr.editing import EditPlan
 from hpr.registry import AdapterRegistry
 from server.engine.kv_cache import BatchKVCache
-from server.engine.mixed import can_mix
+from server.engine.mixed import MIXABLE_MODEL_TYPES, can_mix
 from server.engine.types import MAX_GRAPHS
 
 # Recompiles dynamo allows the step; past it dynamo runs the step eagerly, which is still correct. The engine's
@@ -48,7 +49,7 @@ AUTOTUNE_MODE = "max-autotune-no-cudagraphs"  # CUDA graphs would need bucketed 
 
 
 def can_compile(model: nn.Module) -> bool:
-    """Whether the compiled step can run ``model`` (Llama-type with SDPA: the layer loop is Llama's)."""
+    """Whether the compiled step can run ``model`` (Llama's loop, SDPA, no sliding window)."""
     return can_mix(model)
 
 
@@ -111,7 +112,7 @@ def _decode_step(
     num_layers: int,
     stats: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """One decode step of a Llama-type ``model``: ids (B, 1) at positions (B, 1), attending to the cache columns
+    """One decode step of a ``model`` with Llama's loop: ids (B, 1) at positions (B, 1), attending to the cache columns
     where ``mask`` (B, 1, 1, capacity) is True, the new column written at ``column``. Returns the logits (B, V)
     float32 and, with ``stats``, the edit sums (B, num_layers, len(SUMS))."""
     inner: Any = model.model  # LlamaModel: embed_tokens, rotary_emb, layers, norm
@@ -149,7 +150,12 @@ class CompiledDecoder:
         autotune: bool = False,
     ) -> None:
         if not can_compile(model):
-            raise ValueError("the compiled decode step needs a Llama-type model with attn_implementation 'sdpa'")
+            config = getattr(model, "config", None)
+            raise ValueError(
+                f"the compiled decode step cannot run model type {getattr(config, 'model_type', '?')!r} with "
+                f"attn_implementation {getattr(config, '_attn_implementation', '?')!r} (it runs "
+                f"{sorted(MIXABLE_MODEL_TYPES)} with 'sdpa' and no sliding window)"
+            )
         self.model = model
         self.registry = registry
         self.num_layers = num_layers

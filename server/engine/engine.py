@@ -85,7 +85,7 @@ class Engine:
             newcomer, and at most ``prefill_chunk``. Where a step's time grows with its tokens (a CPU), this bounds
             the running streams' pause while newcomers arrive whatever their number; None: ``prefill_chunk`` alone.
         compile_decode: run decode steps through one ``torch.compile``'d graph with the edits inline
-            (:mod:`server.engine.compiled`; Llama-type models with SDPA attention). The first step of a new
+            (:mod:`server.engine.compiled`; models with Llama's loop, SDPA, no sliding window). The first step of a new
             batch shape or edit set compiles (tens of seconds on a CPU). False: the eager forward.
         compile_max_graphs: with ``compile_decode``, compile at most this many graphs (one per edit set, with
             statistics or not, one row or more); steps that would need another run eagerly. On a CPU each graph

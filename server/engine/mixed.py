@@ -11,8 +11,11 @@ for that forward: it appends the decode tokens' keys/values to the running batch
 newcomers' cache, and hands both to :func:`mixed_attention`, which attends each part to its own cache with its
 own mask, through transformers' own SDPA attention, and puts the outputs back in token order.
 
-Only for architectures whose attention reads the cache and the attention function as Llama's does
-(:data:`MIXABLE_MODEL_TYPES`), with ``attn_implementation="sdpa"``.
+Only for architectures whose attention reads the cache and the attention function as Llama's does, and whose
+model loop is Llama's (:data:`MIXABLE_MODEL_TYPES`: the compiled decode step runs the same loop), with
+``attn_implementation="sdpa"`` and no sliding-window layer (each part is masked as full causal attention). The
+family matrix (tests/server/engine/test_families.py) tests each of them; other models prefill in a forward of
+their own.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from server.engine.attention import AttentionLayout
 from server.engine.kv_cache import BatchKVCache
 
 MIXED_ATTENTION = "hpr_mixed"
-MIXABLE_MODEL_TYPES = frozenset({"llama"})
+# Llama's loop: embed_tokens (Gemma's scales inside it), rotary_emb, the layers, norm, lm_head. Not granite (its
+# embedding and logit multipliers sit in the loop), nor cohere (a logit scale), gpt2 or gpt_neox (other loops).
+MIXABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2"})
 
 
 def can_mix(model: nn.Module) -> bool:
@@ -39,6 +45,7 @@ def can_mix(model: nn.Module) -> bool:
     return (
         getattr(config, "model_type", None) in MIXABLE_MODEL_TYPES
         and getattr(config, "_attn_implementation", None) == "sdpa"
+        and AttentionLayout.of(model).window is None
     )
 
 

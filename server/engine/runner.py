@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editing import EditPlan, HPREditor
+from server.engine.attention import AttentionLayout, Masks, convert_masks
 from server.engine.batch import Batch, DecodePlan, EngineEvent, PrefillInputs, RequestState, mixed_edit_plan
 from server.engine.compiled import CompiledDecoder
 from server.engine.kv_cache import BatchKVCache
@@ -84,6 +85,7 @@ class ModelRunner:
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"the engine needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
         self._additive_mask = impl == "eager"
+        self.attention = AttentionLayout.of(model)  # full, windowed or alternating layers (server.engine.attention)
         self._dtype = next(model.parameters()).dtype
         self._decode_plan: DecodePlan | None = None  # the last decode step's, reused while the rows stay the same
         self.mixable = can_mix(model)  # decode steps and prefill chunks may share a forward
@@ -95,10 +97,16 @@ class ModelRunner:
         )
 
     # ---- forward passes -------------------------------------------------------------------------------------
-    def _mask(self, mask: Tensor | None) -> Tensor | None:
-        """Bool (…, q, k) mask as the attention implementation wants it (eager adds a float mask)."""
-        if mask is None or not self._additive_mask:
-            return mask
+    def _masks(self, mask: Tensor | None, ids: Tensor, cache: BatchKVCache) -> Masks:
+        """The bool (N, 1, q, k) mask of ``ids`` (N, q) appended to ``cache``, as each layer's attention wants it:
+        windowed where the layer is (:class:`AttentionLayout`), and additive for eager attention."""
+        rows, queries = ids.shape
+        masks = self.attention.masks(mask, queries, cache.length + queries, rows, ids.device)
+        if not self._additive_mask:
+            return masks
+        return convert_masks(masks, self._additive)
+
+    def _additive(self, mask: Tensor) -> Tensor:
         return torch.zeros(mask.shape, dtype=self._dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(self._dtype).min
         )
@@ -111,7 +119,7 @@ class ModelRunner:
             out = self.model(
                 input_ids=ids,
                 position_ids=positions,
-                attention_mask=self._mask(mask),
+                attention_mask=self._masks(mask, ids, cache),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -182,8 +190,8 @@ class ModelRunner:
         if not last:  # no logits yet: the decoder alone, its hidden states kept only for prompt logprobs
             with self.editor.apply(plan):
                 out = self._decoder()(
-                    input_ids=ids, position_ids=positions, attention_mask=self._mask(mask), cache=job.cache,
-                    use_cache=True,
+                    input_ids=ids, position_ids=positions, attention_mask=self._masks(mask, ids, job.cache),
+                    cache=job.cache, use_cache=True,
                 )  # fmt: skip
             if any(want_prompt_logprobs):
                 job.hidden.append(out.last_hidden_state)

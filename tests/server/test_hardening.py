@@ -213,3 +213,16 @@ def test_no_docs_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_settings(["--no-docs"]).docs is False
     monkeypatch.setenv("HPR_DOCS", "false")
     assert parse_settings([]).docs is False
+
+
+def test_a_model_without_a_chat_template_refuses_chat_and_still_completes(fake_server: Any) -> None:
+    """A GGUF or directory with no chat template (issue 28): chat is a 400 saying so; completions still work."""
+    tokenizer = fake_server.app.state.runtime.info.tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        error = assert_envelope(httpx.post(fake_server.api_base + "/chat/completions", json=CHAT), 400)
+        assert error["param"] == "messages" and "chat template" in error["message"]
+        completion = httpx.post(fake_server.api_base + "/completions", json={"prompt": "x", "max_tokens": 1})
+        assert completion.status_code == 200
+    finally:
+        tokenizer.chat_template = template
