@@ -92,7 +92,8 @@ class ServerSettings(BaseSettings):
     mixed_prefill: bool = Field(
         default=True,
         description="Run each prefill chunk in the same forward as the running streams' decode step (the families "
-        "with Llama's model loop and SDPA attention, no sliding window: docs/server.md 'Supported models'), so the weights are read once for both. --no-mixed-prefill: a forward each.",
+        "with Llama's model loop and SDPA attention, no sliding window: docs/server.md 'Supported models'), so the "
+        "weights are read once for both. --no-mixed-prefill: a forward each.",
     )
     max_step_tokens: int = Field(
         default=0,
@@ -105,7 +106,8 @@ class ServerSettings(BaseSettings):
     compile_decode: bool = Field(
         default=False,
         description="Decode through one torch.compile'd graph with a static-shaped KV cache and the edits inline "
-        "(the families with Llama's model loop and SDPA attention, no sliding window; others are refused at startup). 1.15-1.36x the eager decode at batch 1 and 1.85x at 32 rows of "
+        "(the families with Llama's model loop and SDPA attention, no sliding window; others are refused at "
+        "startup). 1.15-1.36x the eager decode at batch 1 and 1.85x at 32 rows of "
         "64-token requests on the development CPU (no faster at 32 rows of ~600-token streams), but every stream "
         "waits while a new batch shape or edit set compiles (a minute or more there): off by default "
         "(docs/benchmarks.md).",

@@ -137,9 +137,10 @@ def test_scoring_two_answers_through_the_api(smol_server: Any) -> None:
     assert score("The capital of France is Paris.") > score("The capital of France is Banana.")
 
 
-def test_an_adapter_loads_at_run_time_within_a_second_while_a_stream_runs(smol_server: Any) -> None:
-    """A checkpoint of the trained TruthfulQA adapter's shape (all 30 layers, HPR) loads in ≤ 1 s through
-    POST /v1/adapters while a stream decodes; the stream gets every token, and the new adapter edits."""
+def test_an_adapter_loads_at_run_time_while_a_stream_runs(smol_server: Any) -> None:
+    """A checkpoint of the trained TruthfulQA adapter's shape (all 30 layers, HPR) loads through POST /v1/adapters
+    while a stream decodes; the stream gets every token, and the new adapter edits. How long the load takes is a
+    figure, not a test: bench/adapter_load.py."""
     root = smol_server.app.state.settings.adapter_root
     adapter = make_random_adapter(hidden=576, layers=30)
     adapter.config.base_model = EMBEDDED_MODEL_ID

@@ -188,7 +188,7 @@ def test_int8_weights_serve_as_the_int8_model_alone(family: tuple[LoadedModel, H
     loaded, editor = family
     model = copy.deepcopy(loaded.model)
     if loaded.model.config.model_type in CONV1D_MODEL_TYPES:
-        with pytest.raises(ModelLoadError, match="no nn.Linear layers"):
+        with pytest.raises(ModelLoadError, match=r"no nn\.Linear layers"):
             quantize_weights(model, "int8")
         return
     assert quantize_weights(model, "int8") == "int8"
