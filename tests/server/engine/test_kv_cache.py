@@ -303,16 +303,18 @@ def test_decoding_within_the_plan_never_grows_the_buffer(
     layer = cache.growable_layers[0]
     steps = [torch.randn(3, 2, 20, 4)] + [torch.randn(3, 2, 1, 4) for _ in range(300)]
     storages = set()
+    capacities = set()  # a growth shows as a new capacity (a freed buffer's address may be reused by the next)
     for keys in steps:
         layer.update(keys, -keys)
         storages.add(_storage(layer))
+        capacities.add(layer.capacity)
         assert _zeros_past_length(layer)
     assert layer.length == 320 and torch.equal(layer.used()[0], torch.cat(steps, dim=2))
     assert torch.equal(layer.used()[1], -torch.cat(steps, dim=2))
     if device_has_room:
         assert len(storages) == 1 and layer.capacity == 320 and layer.ready == 320
     else:
-        assert len(storages) > 3 and layer.ready == layer.capacity
+        assert len(capacities) > 3 and layer.ready == layer.capacity
     assert not torch.isnan(layer.used()[0]).any()
 
 
