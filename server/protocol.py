@@ -198,6 +198,87 @@ class ErrorResponse(OpenAIModel):
     error: ErrorInfo
 
 
+# --- structured output and tool calls ------------------------------------------------------------------------------
+
+
+class ResponseFormatText(RequestModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(RequestModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(RequestModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(RequestModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
+
+
+class FunctionDefinition(RequestModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: NonEmptyStr
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON string, as OpenAI sends them.")
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(OpenAIModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall | None = None
+
+
+class RequestFunctionCall(RequestModel):
+    name: NonEmptyStr
+    arguments: str
+
+
+class RequestToolCall(RequestModel):
+    id: str
+    type: Literal["function"]
+    function: RequestFunctionCall
+
+
 # --- chat completions ----------------------------------------------------------------------------------------------
 
 
@@ -207,9 +288,11 @@ class TextContentPart(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[RequestToolCall] | None = Field(default=None, description="An assistant turn's tool calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool turn: the call it answers.")
 
 
 class ChatCompletionRequest(RequestModel):
@@ -221,12 +304,18 @@ class ChatCompletionRequest(RequestModel):
     max_completion_tokens: PositiveInt | None = None
     max_tokens: PositiveInt | None = None
     n: ChoiceCount = 1
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Accepted; a choice holds at most one tool call (docs/server.md)."
+    )
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     seed: Seed | None = None
     stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(default=1.0, ge=0)
+    tool_choice: ToolChoice | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
     top_logprobs: LogprobCount | None = Field(
         default=None, description="Alternatives per token; used with `logprobs: true`, ignored without."
     )
@@ -269,13 +358,14 @@ class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(OpenAIModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     hpr_stats: dict[str, HPRLayerStats] | None = Field(
         default=None, description="Per-layer edit statistics (return_stats)."
     )
@@ -295,13 +385,14 @@ class ChatCompletionResponse(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatCompletionChunkChoice(OpenAIModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     hpr_stats: dict[str, HPRLayerStats] | None = None
 
 
@@ -361,6 +452,9 @@ class CompletionRequest(RequestModel):
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token (benchmarks).")
     stop_token_ids: list[TokenId] | None = Field(
         default=None, description="Token ids that end generation, besides eos."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Constrain the text to JSON (as on chat; vLLM's extension of completions)."
     )
     hpr: HPRRequest | None = Field(default=None, description="Per-request HPR edit; see docs/server.md.")
 

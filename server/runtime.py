@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -36,6 +36,9 @@ from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.serving.admission import Admission
 from server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from server.serving.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,6 +119,13 @@ class Runtime:
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles response formats and tool schemas for this model's tokenizer (made on first use)."""
+        from server.serving.structured import GrammarCompiler
+
+        return GrammarCompiler(self.info)
 
     @property
     def base_id(self) -> str:

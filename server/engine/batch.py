@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,7 @@ class RequestState:
     cancelled: bool = False
     done: bool = False  # the engine sent the last event (or failed the request)
     completion_tokens_seen: int | None = None  # set by the consumer when it stops early on a stop string
+    matcher: Any = None  # the grammar matcher of an output constraint (server.engine.grammar), None: free text
 
     @property
     def request_id(self) -> str:

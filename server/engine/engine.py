@@ -39,6 +39,7 @@ from hpr.editing import HPREditor
 from hpr.model import LoadedModel
 from hpr.registry import AdapterRegistry
 from server.engine.batch import Batch, EngineEvent, RequestState
+from server.engine.grammar import new_matcher
 from server.engine.output import OutputBuilder
 from server.engine.runner import ModelRunner, PrefillJob, StepOutcome
 from server.engine.sampling import new_generator
@@ -249,6 +250,7 @@ class Engine:
             stop_ids=stop_ids,
             max_new_tokens=min(sampling.max_tokens, room),
             stats=EditStatsCounter(edit.layers) if edit is not None and request.return_stats else None,
+            matcher=new_matcher(request.constraint),
         )
         with self._lock:
             if self._stopping:

@@ -224,6 +224,7 @@ class ModelRunner:
             [s.request.prompt_ids for s in states],
             self.vocab_size,
             self.device,
+            [s.matcher for s in states],
         )
         pad = job.inputs.pad
         batch = Batch(requests=list(states), cache=job.cache, pad=pad, next_tokens=pad, sampling=sampling)

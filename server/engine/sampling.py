@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ class SamplingState:
     logit_bias: Tensor | None  # (B, V) float32
     output_counts: Tensor | None  # (B, V) float32: how often each token was generated (penalties)
     prompt_seen: Tensor | None  # (B, V) bool: token occurs in the prompt (repetition penalty)
+    matchers: list[Any]  # per row, its grammar matcher (server.engine.grammar), None for free text
 
     @classmethod
     def build(
@@ -56,6 +58,7 @@ class SamplingState:
         prompts: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device,
+        matchers: Sequence[Any] | None = None,
     ) -> SamplingState:
         def f32(values: list[float]) -> Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
@@ -79,7 +82,7 @@ class SamplingState:
         return cls(
             params=list(params),
             generators=list(generators),
-            temperature=f32([p.temperature if p.temperature > 0 else 1.0 for p in params]),
+            temperature=f32([1.0 if p.greedy else p.temperature for p in params]),
             greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=f32([p.top_p for p in params]),
@@ -90,6 +93,7 @@ class SamplingState:
             logit_bias=bias,
             output_counts=counts,
             prompt_seen=seen,
+            matchers=list(matchers) if matchers is not None else [None] * batch,
         )
 
     def filter(self, rows: Tensor, kept: Sequence[int]) -> SamplingState:
@@ -110,6 +114,7 @@ class SamplingState:
             logit_bias=sel(self.logit_bias),
             output_counts=sel(self.output_counts),
             prompt_seen=sel(self.prompt_seen),
+            matchers=[self.matchers[i] for i in kept],
         )
 
     @classmethod
@@ -139,6 +144,7 @@ class SamplingState:
             logit_bias=cat_optional([s.logit_bias for s in states], first, torch.float32),
             output_counts=cat_optional([s.output_counts for s in states], first, torch.float32),
             prompt_seen=cat_optional([s.prompt_seen for s in states], first, torch.bool),
+            matchers=[m for s in states for m in s.matchers],
         )
 
     def record(self, tokens: Tensor) -> None:

@@ -6,12 +6,14 @@ If choosing the tokens of the whole batch fails, each row is chosen alone, so on
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from server.engine.batch import EngineEvent, RequestState
+from server.engine.grammar import accept_tokens, grammar_ended, mask_logits
 from server.engine.sampling import SamplingState, process_logits, sample
 from server.engine.types import FinishReason
 
@@ -28,6 +30,9 @@ class Selection:
 
 
 def _select(logits: Tensor, sampling: SamplingState, want: list[int]) -> tuple[Tensor, Tensor | None]:
+    if any(m is not None for m in sampling.matchers):
+        logits = logits.contiguous()
+        mask_logits(logits, sampling.matchers)  # only what each constrained row's grammar allows next
     processed = process_logits(logits, sampling)  # (B, V)
     tokens = sample(processed, sampling)  # (B,)
     logprobs = None
@@ -42,7 +47,7 @@ def select_tokens(logits: Tensor, sampling: SamplingState) -> Selection:
     try:
         tokens, logprobs = _select(logits, sampling, want)
         sampling.record(tokens)
-        return _to_host(tokens, logprobs, want, sampling, {})
+        return _accepted(_to_host(tokens, logprobs, want, sampling, {}), sampling)
     except Exception:
         log.warning("batched token selection failed; retrying row by row", exc_info=True)
     failed: dict[int, BaseException] = {}
@@ -63,7 +68,15 @@ def select_tokens(logits: Tensor, sampling: SamplingState) -> Selection:
     ok_want = [i for i in want if i not in failed]
     logprobs = torch.cat(rows_lp) if rows_lp else None
     sampling.record(tokens.clamp_min(0))
-    return _to_host(tokens, logprobs, ok_want, sampling, failed)
+    return _accepted(_to_host(tokens, logprobs, ok_want, sampling, failed), sampling)
+
+
+def _accepted(selection: Selection, sampling: SamplingState) -> Selection:
+    """The chosen tokens fed to the constrained rows' grammars; a row whose grammar refuses its token fails."""
+    if any(m is not None for m in sampling.matchers):
+        for row, exc in accept_tokens(sampling.matchers, selection.tokens).items():
+            selection.failed.setdefault(row, exc)
+    return selection
 
 
 def _to_host(
@@ -85,6 +98,8 @@ def _to_host(
         for j, row in enumerate(want):
             k = sampling.params[row].logprobs or 0
             alternatives = list(zip(top_ids[j][:k], top_values[j][:k], strict=True)) if top_ids and top_values else []
+            # a token the row's grammar forbids has logprob -inf: impossible, so not an alternative (nor JSON)
+            alternatives = [(t, v) for t, v in alternatives if v != -math.inf]
             result[row] = (chosen_list[j], alternatives)
     return Selection(tokens=tokens.tolist(), logprobs=result, failed=failed)
 
@@ -109,7 +124,7 @@ def row_event(
         if row in selection.logprobs:
             value, top = selection.logprobs[row]
             event.logprobs = [(token, value, top)]
-        if token in state.stop_ids:
+        if token in state.stop_ids or grammar_ended(state.matcher):
             finish = "stop"
         elif len(state.generated) >= state.max_new_tokens:
             finish = "length"

@@ -26,6 +26,7 @@ MAX_GRAPHS = 4  # compiled decode graphs at most (each holds a packed copy of th
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (as vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class SamplingParams:
     """How to pick tokens for one request. Validated on construction (raises :class:`InvalidRequestError`)."""
 
     max_tokens: int = 16  # 0 allowed only with prompt_logprobs: score the prompt, generate nothing
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
@@ -154,7 +155,24 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that sampling is argmax anyway (vLLM's rule: below 1e-5). Below about
+        1e-38 a float32 temperature is 0 and dividing by it gave NaN probabilities: a token drawn from nothing."""
+        return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """The generated text must be JSON: any object (``json_object``) or one matching ``schema`` (``json_schema``).
+
+    Made by the serving layer (:mod:`server.serving.structured`), which checks the schema and compiles it, off the
+    engine thread, before the request reaches an engine. ``grammar`` is that compiled grammar (xgrammar's
+    ``CompiledGrammar``), which the hf engine constrains with; the vllm backend hands its EBNF text, ``ebnf``, to
+    vLLM's own structured outputs. Output is compact JSON (no whitespace between tokens of the grammar) in both."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None  # the JSON Schema as JSON text (json_schema)
+    ebnf: str | None = None  # the grammar both backends constrain with (xgrammar's EBNF)
+    grammar: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -166,6 +184,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     edit: EditSpec | None = None  # from AdapterRegistry.resolve(...); None = the base model
     return_stats: bool = False
+    constraint: OutputConstraint | None = None  # None: free text
 
 
 @dataclass

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import Request
 
-from server.engine.types import GenerationOutput, GenerationRequest
+from server.engine.types import FinishReason, GenerationOutput, GenerationRequest, OutputConstraint
+from server.errors import APIError
 from server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -16,6 +18,7 @@ from server.protocol import (
     ChatResponseMessage,
     DeltaMessage,
     HPRApplied,
+    ToolCallDelta,
     UsageInfo,
 )
 from server.runtime import Runtime
@@ -25,6 +28,8 @@ from server.serving.logprobs import chat_logprobs
 from server.serving.prompts import check_context, render_chat
 from server.serving.sampling import for_choice, sampling_params
 from server.serving.sse import chunk_json, new_id, now, with_error_frame
+from server.serving.structured import compile_constraint, response_format_constraint
+from server.serving.tools import parse_answer, plan_tools
 
 
 class ServingChat:
@@ -52,7 +57,18 @@ class ServingChat:
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         rt = self.runtime
         edit = resolve_edit(rt, request.model, request.hpr)
-        prompt_ids = render_chat(rt.tokenizer, request.messages)
+        tools = plan_tools(request)
+        if tools is not None and request.response_format is not None and request.response_format.type != "text":
+            raise APIError(
+                400, "response_format and a tool call cannot both constrain the answer: send one of them",
+                param="response_format", code="invalid_value",
+            )  # fmt: skip
+        constraint: OutputConstraint | None
+        if tools is not None:
+            constraint = await compile_constraint(rt.grammars, "json_schema", tools.schema, param="tools")
+        else:
+            constraint = await response_format_constraint(rt.grammars, request.response_format)
+        prompt_ids = render_chat(rt.tokenizer, request.messages, tools)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         check_context(len(prompt_ids), 1 if max_tokens is None else max_tokens, rt.max_model_len, "messages")
         if max_tokens is None:
@@ -72,6 +88,7 @@ class ServingChat:
                 sampling=for_choice(params, i),
                 edit=edit.spec,
                 return_stats=edit.return_stats,
+                constraint=constraint,
             )
             for i in range(request.n)
         ]
@@ -79,19 +96,23 @@ class ServingChat:
         if request.stream:
             iterators = await open_streams(rt.engine, requests, raw)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            frames = self._stream(response_id, model, edit, len(prompt_ids), iterators, include_usage)
+            frames = self._stream(
+                response_id, model, edit, len(prompt_ids), iterators, include_usage, tools is not None
+            )
             return with_error_frame(frames)
         results = await collect_all(rt.engine, requests, raw)
-        choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=ChatResponseMessage(content=r.text),
-                logprobs=chat_logprobs(r.logprobs) if request.logprobs else None,
-                finish_reason=r.finish_reason,
-                hpr_stats=stats_payload(r.edit_stats),
+        choices = []
+        for i, r in enumerate(results):
+            message, finish_reason = _message(r.text, r.finish_reason, tools is not None)
+            choices.append(
+                ChatCompletionChoice(
+                    index=i,
+                    message=message,
+                    logprobs=chat_logprobs(r.logprobs) if request.logprobs else None,
+                    finish_reason=finish_reason,
+                    hpr_stats=stats_payload(r.edit_stats),
+                )
             )
-            for i, r in enumerate(results)
-        ]
         completion_tokens = sum(r.completion_tokens for r in results)
         return ChatCompletionResponse(
             id=response_id,
@@ -110,8 +131,12 @@ class ServingChat:
         prompt_tokens: int,
         iterators: list[AsyncIterator[GenerationOutput]],
         include_usage: bool,
+        tool_format: bool = False,
     ) -> AsyncIterator[str]:
+        """SSE payloads. With tools, a choice's answer is JSON in the generic format until it ends, so its text is
+        held back and sent whole at the end, as content or as one tool call (the logprobs still stream)."""
         created = now()
+        held = [""] * len(iterators)
 
         def chunk(
             choices: list[ChatCompletionChunkChoice], hpr: HPRApplied | None = None, usage: UsageInfo | None = None
@@ -128,11 +153,26 @@ class ServingChat:
             completion_tokens[i] = out.completion_tokens
             if not (out.text or out.logprobs or out.finish_reason):
                 continue
+            delta = DeltaMessage(content=out.text) if out.text else DeltaMessage()
+            finish_reason: ChatFinishReason | None = out.finish_reason
+            if tool_format:
+                held[i] += out.text
+                delta = DeltaMessage()
+                if out.finish_reason is not None:
+                    message, finish_reason = _message(held[i], out.finish_reason, True)
+                    calls = message.tool_calls or []
+                    delta = DeltaMessage(
+                        content=message.content,
+                        tool_calls=[ToolCallDelta(index=k, id=c.id, type=c.type, function=c.function)
+                                    for k, c in enumerate(calls)] or None,
+                    )  # fmt: skip
+            if tool_format and finish_reason is None and not out.logprobs:
+                continue  # held back: nothing to send yet
             choice = ChatCompletionChunkChoice(
                 index=i,
-                delta=DeltaMessage(content=out.text) if out.text else DeltaMessage(),
+                delta=delta,
                 logprobs=chat_logprobs(out.logprobs) if out.logprobs else None,
-                finish_reason=out.finish_reason,
+                finish_reason=finish_reason,
                 hpr_stats=stats_payload(out.edit_stats),
             )
             yield chunk([choice])
@@ -140,3 +180,18 @@ class ServingChat:
             total = sum(completion_tokens)
             usage = UsageInfo.count(prompt_tokens, total)
             yield chunk([], usage=usage)
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
+def _message(
+    text: str, finish_reason: FinishReason | None, tool_format: bool
+) -> tuple[ChatResponseMessage, ChatFinishReason | None]:
+    """A choice's message: its text, or (with tools) the generic format's answer turned back into OpenAI's shape."""
+    if not tool_format:
+        return ChatResponseMessage(content=text), finish_reason
+    answer = parse_answer(text)
+    if answer.tool_calls and finish_reason == "stop":
+        return ChatResponseMessage(content=None, tool_calls=answer.tool_calls), "tool_calls"
+    return ChatResponseMessage(content=answer.content), finish_reason

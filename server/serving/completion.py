@@ -27,6 +27,7 @@ from server.serving.logprobs import completion_logprobs
 from server.serving.prompts import Prompt, check_context, completion_prompts, prompt_count
 from server.serving.sampling import for_choice, sampling_params
 from server.serving.sse import chunk_json, new_id, now, with_error_frame
+from server.serving.structured import response_format_constraint
 
 
 class ServingCompletion:
@@ -58,6 +59,7 @@ class ServingCompletion:
     async def _create(self, request: CompletionRequest, raw: Request) -> CompletionResponse | AsyncIterator[str]:
         rt = self.runtime
         edit = resolve_edit(rt, request.model, request.hpr)
+        constraint = await response_format_constraint(rt.grammars, request.response_format)
         prompts = completion_prompts(rt.tokenizer, request.prompt, rt.vocab_size)
         for prompt in prompts:
             check_context(len(prompt.ids), 1 if request.max_tokens is None else request.max_tokens, rt.max_model_len,
@@ -87,6 +89,7 @@ class ServingCompletion:
                         sampling=params,
                         edit=edit.spec,
                         return_stats=edit.return_stats,
+                        constraint=constraint,
                     )
                 )
                 owners.append(prompt)

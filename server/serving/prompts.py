@@ -7,6 +7,7 @@ from typing import Any
 
 from server.errors import APIError
 from server.protocol import ChatMessage
+from server.serving.tools import ToolPlan, conversation, template_takes_tools
 
 
 @dataclass(frozen=True)
@@ -24,17 +25,19 @@ def message_text(message: ChatMessage) -> str:
     return "".join(part.text for part in content)
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
     """Apply the model's chat template (with the assistant generation prompt) and tokenize.
 
-    ``developer`` messages (OpenAI's newer name for system) are passed as ``system``. The rendered text already
-    holds any special tokens, so it is tokenized without adding more.
+    ``developer`` messages (OpenAI's newer name for system) are passed as ``system``; with ``tools``, the tools are
+    described in the system turn (:mod:`server.serving.tools`). The rendered text already holds any special
+    tokens, so it is tokenized without adding more.
     """
-    conversation = [
-        {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)} for m in messages
-    ]
+    turns = conversation(messages, tools, message_text)
+    extra: dict[str, Any] = {}
+    if tools is not None and template_takes_tools(tokenizer):
+        extra["tools"] = [t.model_dump(exclude_none=True) for t in tools.tools]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja2 errors (e.g. "roles must alternate"), or no template at all
         raise APIError(
             400, f"cannot apply the model's chat template: {exc}", param="messages", code="invalid_messages"

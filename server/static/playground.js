@@ -363,6 +363,8 @@ class Column {
       temperature: number("temperature", 0.7),
       seed: number("seed", sharedSeed),
     };
+    const schema = this.schema();
+    if (schema) body.response_format = { type: "json_schema", json_schema: { name: "playground", schema, strict: true } };
     const card = this.card;
     if (card) {
       body.hpr = {
@@ -377,10 +379,21 @@ class Column {
     return body;
   }
 
+  /** The JSON schema box as an object; null when empty. Throws a SyntaxError naming the problem when it is not JSON. */
+  schema() {
+    const text = this.field("json-schema").value.trim();
+    if (text === "") return null;
+    try {
+      return JSON.parse(text);
+    } catch (error) {
+      throw new SyntaxError(`the JSON schema is not JSON: ${error.message}`);
+    }
+  }
+
   reset() {
     const output = $(".output", this.root);
     output.replaceChildren();
-    for (const selector of [".error", ".applied", ".stats", ".repro"]) $(selector, this.root).hidden = true;
+    for (const selector of [".error", ".applied", ".json-check", ".stats", ".repro"]) $(selector, this.root).hidden = true;
     $(".ttft", this.root).textContent = "TTFT –";
     $(".tps", this.root).textContent = "– tok/s";
     $(".tokens", this.root).textContent = "";
@@ -397,7 +410,14 @@ class Column {
   async run(messages, sharedSeed) {
     this.stop();
     this.reset();
-    const body = this.body(messages, sharedSeed);
+    let body;
+    try {
+      body = this.body(messages, sharedSeed);
+    } catch (error) {
+      this.showError(error.message); // nothing is sent
+      this.root.dataset.state = "error";
+      return;
+    }
     const controller = new AbortController();
     this.controller = controller;
     const output = $(".output", this.root);
@@ -490,10 +510,25 @@ class Column {
       : "applied: none (base model)";
     if (finish) line.textContent += ` · finish ${finish}`;
     line.hidden = false;
+    if (body.response_format) this.showJsonCheck();
     if (stats) this.showStats(stats);
     $("code.curl", this.root).textContent = curlCommand(body);
     $("code.python", this.root).textContent = pythonCall(body);
     $(".repro", this.root).hidden = false;
+  }
+
+  /** Whether the answer parses as JSON (the schema itself is the server's to enforce). */
+  showJsonCheck() {
+    const check = $(".json-check", this.root);
+    try {
+      JSON.parse($(".output", this.root).textContent);
+      check.textContent = "✓ the answer parses as JSON";
+      check.dataset.parses = "yes";
+    } catch (error) {
+      check.textContent = `✗ the answer does not parse as JSON: ${error.message}`;
+      check.dataset.parses = "no";
+    }
+    check.hidden = false;
   }
 
   showStats(stats) {

@@ -259,6 +259,7 @@ class VLLMEngine:
             prompt_logprobs=(s.logprobs or 0) if s.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
+            structured_outputs=_structured_outputs(request),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -357,3 +358,14 @@ def _logprobs(items: Any, tokens: list[int], k: int) -> list[TokenLogprob]:
 
 def _prompt_logprobs(items: Any, prompt: list[int], k: int) -> list[TokenLogprob | None]:
     return [None if entries is None else _logprob(t, entries, k) for t, entries in zip(prompt, items, strict=False)]
+
+
+def _structured_outputs(request: GenerationRequest) -> Any:
+    """vLLM's structured outputs for the request's constraint (None: free text): the grammar the hf engine uses
+    (compact JSON, JSON's string rules), as EBNF, which vLLM compiles with xgrammar in its own process."""
+    constraint = request.constraint
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(grammar=constraint.ebnf)

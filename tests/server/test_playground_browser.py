@@ -9,6 +9,7 @@ pytest temp directory). Without chromium the module is skipped with one line say
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -415,3 +416,40 @@ def test_layout_fits_and_every_control_is_labelled_and_focusable(
     browser.switch_to.active_element.send_keys(Keys.SPACE)
     assert field(browser, 1, "layers").get_attribute("value") == "0"
     browser.save_screenshot(str(screenshots / f"layout-{width}.png"))
+
+
+def test_a_json_schema_constrains_its_column_and_the_page_says_whether_it_parses(
+    server: tuple[LiveServer, EngineRecorder], recorder: EngineRecorder, browser: Any, screenshots: Path
+) -> None:
+    """Issue 30 §6: the schema box of a column becomes its response_format; the answer is checked for JSON."""
+    live, _ = server
+    open_page(browser, live)
+    wait_models(browser)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}  # fmt: skip
+    column(browser, 0).find_element(By.CSS_SELECTOR, ".structured summary").click()
+    box = field(browser, 0, "json-schema")
+    set_value(browser, box, json.dumps(schema))
+    for i in (0, 1):
+        set_sampling(browser, i, max_tokens="40")
+    send(browser)
+    wait_done(browser, 0, 1)
+    constrained = next(r for r in recorder.requests if r.constraint is not None)
+    assert json.loads(constrained.constraint.schema) == schema
+    assert sum(r.constraint is None for r in recorder.requests) == 1  # column B: free text
+    output = column(browser, 0).find_element(By.CLASS_NAME, "output").text
+    assert json.loads(output) in ({"ok": True}, {"ok": False})
+    check = column(browser, 0).find_element(By.CLASS_NAME, "json-check")
+    assert check.get_attribute("data-parses") == "yes" and "parses as JSON" in check.text
+    assert column(browser, 1).find_element(By.CLASS_NAME, "json-check").get_attribute("hidden") is not None
+    column(browser, 0).find_element(By.CSS_SELECTOR, ".repro summary").click()
+    assert '"response_format"' in column(browser, 0).find_element(By.CSS_SELECTOR, "code.curl").text
+    browser.save_screenshot(str(screenshots / "json-schema.png"))
+
+    recorder.clear()  # a box that is not JSON: the column says why and sends nothing; the other column runs
+    set_value(browser, box, "{not json")
+    send(browser)
+    wait_done(browser, 0, 1)
+    assert state(browser, 0) == "error" and "the JSON schema is not JSON" in column(browser, 0).text
+    assert len(recorder.requests) == 1 and recorder.requests[0].constraint is None
+    set_value(browser, box, "")

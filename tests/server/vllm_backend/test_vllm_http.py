@@ -158,3 +158,54 @@ def test_a_bad_edit_is_the_same_error_on_both_backends(
     assert [e.status_code for e in errors] == [status, status]
     assert errors[0].json() == errors[1].json()
     assert errors[0].json()["error"]["param"] == param
+
+
+LETTERS = {"type": "object", "properties": {"word": {"enum": ["alpha", "beta", "gamma"]},
+           "count": {"type": "integer", "minimum": 0, "maximum": 99}, "tag": {"type": "string", "maxLength": 6}},
+           "required": ["word", "count", "tag"], "additionalProperties": False}  # fmt: skip
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {
+    "key": {"type": "string", "maxLength": 8}}, "required": ["key"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_structured_output_and_tool_calls_equal_the_hf_backend(servers: dict[str, LiveServer]) -> None:
+    """Issue 30: the same grammar on both backends (vLLM's structured outputs get the hf engine's EBNF), so the
+    greedy constrained texts are equal, edited or not, and valid; rows with and without a grammar share a batch."""
+    import jsonschema
+
+    schema_format = {"type": "json_schema", "json_schema": {"name": "letters", "schema": LETTERS, "strict": True}}
+    bodies: list[dict[str, Any]] = [
+        {"prompt": PROMPTS[0], "response_format": schema_format},
+        {"prompt": PROMPTS[1], "response_format": schema_format, "hpr": BODIES[2]},
+        {"prompt": PROMPTS[0], "response_format": {"type": "json_object"}, "max_tokens": 40},
+        {"prompt": PROMPTS[1]},  # free text beside them
+    ]
+
+    async def run_all(live: LiveServer) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            replies = await asyncio.gather(*(
+                client.post(live.api_base + "/completions",
+                            json={"model": "tiny-llama", "max_tokens": 60, "temperature": 0, **b})
+                for b in bodies
+            ))  # fmt: skip
+        return [r.json() for r in replies]
+
+    texts = {name: [r["choices"][0]["text"] for r in asyncio.run(run_all(live))] for name, live in servers.items()}
+    assert texts["vllm"] == texts["hf"]
+    for text in texts["vllm"][:2]:
+        jsonschema.validate(__import__("json").loads(text), LETTERS)
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "key?"}], "tools": [TOOL],
+            "tool_choice": "required", "max_tokens": 120, "temperature": 0}  # fmt: skip
+    calls = {
+        name: httpx.post(live.api_base + "/chat/completions", json=chat, timeout=300).json()["choices"][0]
+        for name, live in servers.items()
+    }
+    assert calls["vllm"] == {
+        **calls["hf"],
+        "message": {
+            **calls["hf"]["message"],
+            "tool_calls": [
+                {**calls["hf"]["message"]["tool_calls"][0], "id": calls["vllm"]["message"]["tool_calls"][0]["id"]}
+            ],
+        },
+    }
+    assert calls["vllm"]["finish_reason"] == "tool_calls"
