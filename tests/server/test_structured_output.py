@@ -228,3 +228,21 @@ def test_answers_in_the_generic_format_become_openais_shape() -> None:
     assert parse_answer('{"response": "Caf\\u00e9 au l').content == "Café au l"  # cut by max_tokens
     assert parse_answer('{"response": "Caf\\u00').content == "Caf"  # cut inside an escape
     assert parse_answer("plain words").content == "plain words"
+
+
+def test_a_template_that_takes_tools_gets_them_and_the_system_turn_describes_them() -> None:
+    from server.protocol import ChatCompletionRequest
+    from server.serving.prompts import render_chat
+    from server.serving.tools import plan_tools
+    from tests.server.conftest import make_tiny_tokenizer
+
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER_TOOL], "tool_choice": "required"}
+    )
+    plan = plan_tools(request)
+    tokenizer = make_tiny_tokenizer()
+    plain = tokenizer.decode(render_chat(tokenizer, request.messages, plan))
+    assert "get_weather" in plain and '{"tool_call": {"name": <function name>' in plain  # the system turn
+    tokenizer.chat_template = "{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}" + tokenizer.chat_template
+    with_tools = tokenizer.decode(render_chat(tokenizer, request.messages, plan))
+    assert with_tools.startswith("[tool get_weather]") and with_tools.endswith(plain)

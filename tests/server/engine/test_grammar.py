@@ -146,3 +146,20 @@ def test_top_logprobs_list_only_tokens_the_grammar_allows(
     assert values[0].top and len(values[0].top) < 20  # '{' is the only token allowed first
     assert all(v > float("-inf") for lp in values for _, _, v in lp.top)
     assert all(lp.logprob > float("-inf") for lp in values)
+
+
+def test_the_compile_runs_off_the_calling_thread(tiny_loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving layer awaits the compile in a worker thread: the event loop (and the engine) never waits on it."""
+    import threading
+
+    compiler = GrammarCompiler(ModelInfo.from_loaded(tiny_loaded))
+    threads: list[int] = []
+    real = compiler.compile
+
+    def recording(kind: str, schema: str | None) -> Any:
+        threads.append(threading.get_ident())
+        return real(kind, schema)
+
+    monkeypatch.setattr(compiler, "compile", recording)
+    constraint(compiler, SHORT)
+    assert threads and threads[0] != threading.get_ident()
