@@ -69,3 +69,41 @@ class EditSpec:
         """Whether a decode step's input (the ``generated``-th generated token, at position ``prompt − 1 +
         generated``) is edited: :meth:`edited_positions_end` for one position, without the prompt length."""
         return self.tokens is None or generated < self.tokens
+
+
+@dataclass(frozen=True)
+class AdapterDefaults:
+    """What a request that names an adapter but not these fields gets, set where the adapter is registered
+    (``--adapter NAME=DIR:alpha=2:scope=all:tokens=all``, ``POST /v1/adapters``) instead of in its
+    ``hpr_config.json``. None: the checkpoint's own default. ``tokens``: a count, or "all" (every token)."""
+
+    alpha: float | None = None
+    scope: Scope | None = None
+    tokens: EditTokens | None = None
+
+    @classmethod
+    def parse(cls, fields: str, where: str) -> AdapterDefaults:
+        """``alpha=A:scope=S:tokens=N`` (any of them, once each, in any order); ValueError naming ``where``."""
+        values: dict[str, str] = {}
+        for part in [p for p in fields.split(":") if p.strip()]:
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in ("alpha", "scope", "tokens") or key in values:
+                raise ValueError(f"{where}: bad field {part!r} (alpha=, scope=, tokens=, once each)")
+            values[key] = value.strip()
+        try:
+            alpha = float(values["alpha"]) if "alpha" in values else None
+        except ValueError:
+            raise ValueError(f"{where}: alpha {values['alpha']!r} is not a number") from None
+        scope = values.get("scope")
+        if scope is not None and scope not in ("all", "generated"):
+            raise ValueError(f"{where}: scope must be 'all' or 'generated', got {scope!r}")
+        try:
+            tokens = parse_edit_tokens(values["tokens"]) if "tokens" in values else None
+        except ValueError:
+            raise ValueError(f"{where}: tokens must be a whole number ≥ 1 or 'all', got {values['tokens']!r}") from None
+        return cls(alpha=alpha, scope=scope, tokens=tokens)  # type: ignore[arg-type]
+
+    @property
+    def empty(self) -> bool:
+        return self.alpha is None and self.scope is None and self.tokens is None

@@ -15,6 +15,7 @@ when its last lease is released, so no batch ever meets an adapter that has gone
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -24,9 +25,9 @@ from typing import Any
 
 import torch
 
-from hpr.checkpoint import HPRAdapter
-from hpr.edit_spec import EditSpec, EditTokens, Scope
-from hpr.errors import AdapterConflictError, EditSpecError, HPRError, UnknownAdapterError
+from hpr.checkpoint import HPRAdapter, HPRConfig
+from hpr.edit_spec import AdapterDefaults, EditSpec, EditTokens, Scope
+from hpr.errors import AdapterConflictError, CheckpointError, EditSpecError, HPRError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,19 @@ class AdapterRegistry:
             self._adapters[name] = placed
         return placed
 
-    def load(self, name: str, path: str | os.PathLike[str]) -> HPRAdapter:
-        """Read the checkpoint at ``path`` (ours or the seed's), validate it and add it as ``name``.
+    def load(self, name: str, path: str | os.PathLike[str], defaults: AdapterDefaults | None = None) -> HPRAdapter:
+        """Read the checkpoint at ``path`` (ours or the seed's), validate it and add it as ``name``; ``defaults``
+        replace its default alpha, scope and edited tokens under this name (the files are not changed).
 
-        Raises :class:`~hpr.errors.CheckpointError` naming the file for a bad checkpoint, and
+        Raises :class:`~hpr.errors.CheckpointError` naming the file for a bad checkpoint or default, and
         :class:`~hpr.errors.AdapterConflictError` when ``name`` is taken; nothing changes then.
         """
         with self._lock:  # fail before reading gigabytes when the name is taken
             if name in self._adapters:
                 raise AdapterConflictError(f"an adapter named {name!r} is already loaded")
         adapter = HPRAdapter.load(path, name, self.hidden_size, self.num_layers)
+        if defaults is not None and not defaults.empty:
+            adapter.config = with_defaults(adapter.config, defaults, f"{path}: adapter {name!r}")
         return self.add(name, adapter)
 
     def unload(self, name: str) -> bool:
@@ -222,3 +226,18 @@ class AdapterRegistry:
         where: Any = chosen.config.default_scope if scope is None else scope
         limit = chosen.config.default_edit_tokens if tokens is None else None if tokens == "all" else tokens
         return EditSpec(adapter=adapter, layers=parse_layers(layers, chosen), alpha=strength, scope=where, tokens=limit)
+
+
+def with_defaults(config: HPRConfig, defaults: AdapterDefaults, where: str) -> HPRConfig:
+    """``config`` with ``defaults`` as its default alpha, scope and edited tokens (validated as the file's are)."""
+    changes: dict[str, object] = {}
+    if defaults.alpha is not None:
+        changes["default_alpha"] = defaults.alpha
+    if defaults.scope is not None:
+        changes["default_scope"] = defaults.scope
+    if defaults.tokens is not None:
+        changes["default_edit_tokens"] = None if defaults.tokens == "all" else defaults.tokens
+    try:
+        return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc

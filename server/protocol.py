@@ -513,6 +513,15 @@ class AdapterLoadRequest(RequestModel):
         description="Checkpoint directory (ours or the seed's), relative to --adapter-root or absolute; it must "
         "resolve inside --adapter-root.",
     )
+    alpha: float | None = Field(
+        default=None, ge=0, le=MAX_ALPHA, description="This name's default alpha (null: the checkpoint's)."
+    )
+    scope: Literal["all", "generated"] | None = Field(
+        default=None, description="This name's default scope (null: the checkpoint's)."
+    )
+    edit_tokens: PositiveInt | Literal["all"] | None = Field(
+        default=None, description="This name's default edited tokens, a count or 'all' (null: the checkpoint's)."
+    )
 
 
 class AdapterDeleted(OpenAIModel):

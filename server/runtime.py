@@ -28,6 +28,7 @@ import torch
 from fastapi import FastAPI, Request
 
 from hpr.checkpoint import HPRAdapter
+from hpr.edit_spec import AdapterDefaults
 from hpr.errors import AdapterConflictError, HPRError
 from hpr.model import load_model, read_model_config
 from hpr.registry import AdapterRegistry
@@ -143,8 +144,11 @@ class Runtime:
     def max_model_len(self) -> int:
         return self.info.max_model_len
 
-    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> HPRAdapter:
-        """Load, validate and route the adapter at ``path`` as ``name`` (blocking: at startup, or in a thread).
+    def load_adapter(
+        self, name: str, path: str | os.PathLike[str], defaults: AdapterDefaults | None = None
+    ) -> HPRAdapter:
+        """Load, validate and route the adapter at ``path`` as ``name``, with ``defaults`` replacing its own default
+        alpha, scope and edited tokens under that name (blocking: at startup, or in a thread).
 
         Raises :class:`~hpr.errors.CheckpointError` (bad checkpoint) or :class:`AdapterConflictError` (name taken,
         by an adapter or by the base model); the registry is unchanged then.
@@ -152,7 +156,7 @@ class Runtime:
         if name == self.base_id:
             raise AdapterConflictError(f"an adapter cannot take the base model's id {name!r}")
         started = time.perf_counter()
-        adapter = self.registry.load(name, path)
+        adapter = self.registry.load(name, path, defaults)
         log.info(
             "adapter %s loaded (%s, %d layers) in %.2f s; adapters: %s",
             name, adapter.config.method, len(adapter.config.layers), time.perf_counter() - started,
@@ -220,8 +224,8 @@ def build_runtime(settings: ServerSettings, engine_factory: EngineFactory) -> Ru
         engine=engine, registry=registry, admission=Admission(settings.max_batch_size, settings.max_queue)
     )
     try:
-        for name, path in settings.adapter_paths().items():
-            runtime.load_adapter(name, path)
+        for name, (path, defaults) in settings.adapters().items():
+            runtime.load_adapter(name, path, defaults)
     except BaseException:
         with contextlib.suppress(Exception):
             asyncio.run(engine.stop(drain_timeout=0))  # never started: releases its hooks

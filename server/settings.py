@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hpr.edit_spec import AdapterDefaults
 from hpr.model import EMBEDDED_MODEL_ID
 from server.engine.types import DEFAULT_PREFILL_CHUNK, MAX_GRAPHS
 
@@ -57,8 +58,10 @@ class ServerSettings(BaseSettings):
     )
     adapter: StrList = Field(
         default_factory=list,
-        description="HPR adapter to load as NAME=PATH (or PATH: the name is the directory name). "
-        "Our checkpoint format or the seed's. More can be loaded at run time under --adapter-root.",
+        description="HPR adapter to load as NAME=PATH (or PATH: the name is the directory name), optionally with "
+        "its defaults under that name: NAME=PATH:alpha=2:scope=all:tokens=all (what a request that sends no hpr "
+        "field gets: an evaluation harness, say). Our checkpoint format or the seed's. More can be loaded at run "
+        "time under --adapter-root.",
     )
     adapter_root: Path | None = Field(
         default=None,
@@ -188,7 +191,7 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_adapters(self) -> ServerSettings:
-        self.adapter_paths()  # raises ValueError on a bad or duplicate NAME=PATH
+        self.adapters()  # raises ValueError on a bad or duplicate NAME=PATH, or a bad default
         if self.adapter_root is not None:
             if not self.adapter_root.expanduser().is_dir():
                 raise ValueError(f"--adapter-root {self.adapter_root}: not a directory")
@@ -226,17 +229,24 @@ class ServerSettings(BaseSettings):
 
     def adapter_paths(self) -> dict[str, Path]:
         """``--adapter`` values as ``{name: directory}``, in the order given."""
-        out: dict[str, Path] = {}
+        return {name: path for name, (path, _) in self.adapters().items()}
+
+    def adapters(self) -> dict[str, tuple[Path, AdapterDefaults]]:
+        """``--adapter NAME=DIR[:alpha=A][:scope=S][:tokens=N]`` values as ``{name: (directory, defaults)}``."""
+        out: dict[str, tuple[Path, AdapterDefaults]] = {}
         for item in self.adapter:
-            name, sep, path = item.partition("=")
-            if not sep:
-                name, path = Path(item).name, item
+            name, sep, rest = item.partition("=")
+            if not sep or ":" in name:  # PATH[:fields]: the name is the directory's
+                path, _, fields = item.partition(":")
+                name = Path(path.strip()).name
+            else:
+                path, _, fields = rest.partition(":")
             name, path = name.strip(), path.strip()
             if not name or not path:
-                raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
+                raise ValueError(f"--adapter {item!r}: expected NAME=PATH[:alpha=A][:scope=S][:tokens=N]")
             if name in out:
                 raise ValueError(f"--adapter {item!r}: the name {name!r} is used twice")
-            out[name] = Path(path).expanduser()
+            out[name] = (Path(path).expanduser(), AdapterDefaults.parse(fields, f"--adapter {item!r}"))
         return out
 
     def api_keys(self) -> frozenset[str]:

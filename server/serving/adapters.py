@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpr.edit_spec import AdapterDefaults
 from server.errors import APIError
 from server.protocol import AdapterDeleted, AdapterLoadRequest, ModelCard
 from server.runtime import Runtime, in_own_thread
@@ -33,7 +34,8 @@ def path_inside_root(root: Path, path: str) -> Path:
 async def load_adapter(runtime: Runtime, root: Path, body: AdapterLoadRequest) -> ModelCard:
     """Load, validate and route the adapter; its card as ``/v1/models/{name}`` shows it."""
     path = path_inside_root(root, body.path)
-    await in_own_thread(runtime.load_adapter, body.name, path)  # not to_thread: see in_own_thread
+    defaults = AdapterDefaults(alpha=body.alpha, scope=body.scope, tokens=body.edit_tokens)
+    await in_own_thread(runtime.load_adapter, body.name, path, defaults)  # not to_thread: see in_own_thread
     return get_model(runtime, body.name)
 
 
