@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from bench.structured_validity import Weather
+from bench.structured_validity import messages as ask
 from hpr.errors import ModelLoadError
 from hpr.model import EMBEDDED_MODEL_ID, embedded_gguf_path
 from server.settings import ServerSettings
@@ -38,17 +40,6 @@ WEATHER_TOOL = {
         },
     },
 }  # fmt: skip
-
-
-class Weather(BaseModel):
-    city: str = Field(max_length=24)
-    temperature_c: int = Field(ge=-60, le=60)
-    conditions: Literal["sunny", "cloudy", "rain", "snow"]
-
-
-def ask(city: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"Reply with only a JSON object with keys city, temperature_c (integer) and "
-             f"conditions (sunny, cloudy, rain or snow) for the weather in {city}."}]  # fmt: skip
 
 
 def edit(alpha: float) -> dict[str, Any]:
