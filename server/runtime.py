@@ -249,7 +249,7 @@ async def _load(app: FastAPI, engine_factory: EngineFactory) -> None:
             from server.warmup import warm_up
 
             try:
-                await warm_up(runtime)  # before the metrics see requests, and before /health is ok
+                await warm_up(runtime.engine, runtime.registry)  # before the metrics see requests, and /health ok
             except BaseException:  # a failed warm-up, or a shutdown during it: the engine must not run on
                 with contextlib.suppress(Exception):
                     await asyncio.shield(runtime.engine.stop(drain_timeout=0))

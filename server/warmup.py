@@ -18,33 +18,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from hpr.edit_spec import EditSpec
-from server.engine.types import GenerationRequest, SamplingParams
+from hpr.registry import AdapterRegistry
+from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 
-if TYPE_CHECKING:
-    from server.runtime import Runtime
+
+class Generates(Protocol):
+    """What the warm-up needs of an engine (server.runtime.EngineLike has it)."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+
 
 log = logging.getLogger(__name__)
 
 PROMPT = [1, 2, 3, 4]  # token ids: any valid ones compile the same graph
 
 
-def warmup_edits(runtime: Runtime) -> list[EditSpec | None]:
+def warmup_edits(registry: AdapterRegistry) -> list[EditSpec | None]:
     """The edits to warm up, in order: none (the base model), then each loaded adapter's defaults."""
-    return [None, *(runtime.registry.resolve(name) for name in sorted(runtime.registry.names()))]
+    return [None, *(registry.resolve(name) for name in sorted(registry.names()))]
 
 
-async def _drain(runtime: Runtime, request: GenerationRequest) -> None:
-    async for _ in runtime.engine.generate(request):
+async def _drain(engine: Generates, request: GenerationRequest) -> None:
+    async for _ in engine.generate(request):
         pass
 
 
-async def warm_up(runtime: Runtime) -> float:
-    """Run the warm-up requests (module docstring); returns the seconds taken."""
+async def warm_up(engine: Generates, registry: AdapterRegistry) -> float:
+    """Run the warm-up requests (module docstring) on ``engine``, for the adapters in ``registry``; returns the
+    seconds taken."""
     started = time.monotonic()
-    for index, spec in enumerate(warmup_edits(runtime)):
+    for index, spec in enumerate(warmup_edits(registry)):
         # Past the edit's token limit the step is the unedited one: run a few steps beyond it.
         steps = (spec.tokens if spec is not None and spec.tokens is not None else 1) + 2
         for rows in (1, 2):
@@ -54,7 +61,7 @@ async def warm_up(runtime: Runtime) -> float:
                 GenerationRequest(f"warmup-{index}-{rows}-{row}", list(PROMPT), sampling, edit=spec)
                 for row in range(rows)
             ]
-            await asyncio.gather(*(_drain(runtime, r) for r in requests))
+            await asyncio.gather(*(_drain(engine, r) for r in requests))
             what = "no edit" if spec is None else f"adapter {spec.adapter!r} at its defaults"
             log.info("compile warm-up: %s, %d row(s): %.1f s", what, rows, time.monotonic() - t)
     seconds = time.monotonic() - started

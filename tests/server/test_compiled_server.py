@@ -121,7 +121,7 @@ def test_a_failed_warmup_stops_the_engine_and_reports_the_error(
         engines.append(FakeEngine(settings, registry))
         return engines[-1]
 
-    async def failing(runtime: Any) -> float:
+    async def failing(engine: Any, registry: Any) -> float:
         raise RuntimeError("injected warm-up failure")
 
     monkeypatch.setattr(warmup, "warm_up", failing)
