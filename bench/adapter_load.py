@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.load_generator import percentile
+from bench.percentiles import percentile
 from bench.server_process import VENV_BIN, ServerProcess
 
 ADMIN_KEY = "bench-admin"

@@ -30,11 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from bench.percentiles import percentile
 from hpr.checkpoint import HPRAdapter
 from hpr.editing import HPREditor
 from hpr.model import EMBEDDED_MODEL_ID, load_model
@@ -56,11 +56,6 @@ def parse_setting(setting: str) -> tuple[bool, int | None, int | None]:
 def story_prompt(engine: Engine, round_no: int) -> list[int]:
     """The running streams' prompt in a round, and in its control run (the same length, so the same positions)."""
     return list(engine.tokenizer.encode(f"Story number {round_no}: once upon a time"))
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile (0-1) of ``values``."""
-    return float(np.percentile(values, 100 * q, method="nearest"))
 
 
 async def one_round(engine: Engine, args: argparse.Namespace, edit: object, round_no: int) -> dict[str, float]:
@@ -110,7 +105,7 @@ async def one_round(engine: Engine, args: argparse.Namespace, edit: object, roun
         "matched_p50": statistics.median(matched),
         "quiet_p50": statistics.median(quiet_gaps),
         "arr_p50": statistics.median(arriving),
-        "arr_p95": _percentile(arriving, 0.95),
+        "arr_p95": percentile(arriving, 95, nearest=True),
         "arr_max": max(arriving),
         "ttft_max": max(first_tokens),
         "quiet_tps": quiet_tokens / (quiet_end - quiet_start),

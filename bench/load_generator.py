@@ -26,9 +26,13 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from percentiles import percentile
 
 
 @dataclass
@@ -47,16 +51,6 @@ class RequestResult:
         if self.tokens < 2 or not self.gaps:
             return None
         return sum(self.gaps) / (self.tokens - 1)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def make_prompt(tokens: int) -> str:

@@ -19,15 +19,10 @@ import statistics
 import time
 
 import httpx
-import numpy as np
 
+from bench.percentiles import percentile
 from hpr.model import EMBEDDED_MODEL_ID
 from trainer.gen_client import LocalServer
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile (0-1) of ``values``."""
-    return float(np.percentile(values, 100 * q, method="nearest"))
 
 
 def _body(max_tokens: int) -> dict[str, object]:
@@ -148,13 +143,13 @@ def main() -> None:
     )
     print(f"served: {len(served)}  refused (429): {len(refused)}  other statuses: {other or 'none'}")
     if refused:
-        p50, p99 = _percentile(refused, 0.5) * 1000, _percentile(refused, 0.99) * 1000
+        p50, p99 = percentile(refused, 50, nearest=True) * 1000, percentile(refused, 99, nearest=True) * 1000
         print(
             f"429 latency: p50 {p50:.0f} ms  p99 {p99:.0f} ms  max {max(refused) * 1000:.0f} ms  "
             f"mean {statistics.fmean(refused) * 1000:.0f} ms"
         )
     if served:
-        print(f"served latency: p50 {_percentile(served, 0.5):.1f} s  max {max(served):.1f} s")
+        print(f"served latency: p50 {percentile(served, 50, nearest=True):.1f} s  max {max(served):.1f} s")
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {os.cpu_count()} CPUs")
 
 
