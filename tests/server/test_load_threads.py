@@ -82,9 +82,9 @@ def test_startup_and_adapter_loads_run_on_threads_that_have_ended(
 
     original = Runtime.load_adapter
 
-    def load_adapter(self: Runtime, name: str, path: Any) -> Any:
+    def load_adapter(self: Runtime, name: str, path: Any, defaults: Any = None) -> Any:
         threads["load_adapter"].append(threading.current_thread())
-        return original(self, name, path)
+        return original(self, name, path, defaults)
 
     monkeypatch.setattr(Runtime, "load_adapter", load_adapter)
     make_random_adapter(seed=3).save(tmp_path / "extra")

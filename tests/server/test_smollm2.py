@@ -18,6 +18,7 @@ from hpr.errors import ModelLoadError
 from hpr.model import EMBEDDED_MODEL_ID, embedded_gguf_path
 from server.settings import ServerSettings
 from tests.conftest import make_random_adapter
+from tests.server.engine.conftest import StepSizes
 from tests.server.live_server import run_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -71,21 +72,6 @@ def test_chat_answers_and_streams_the_same_text(smol_server: Any) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
 
-class RecordingObserver:
-    """Wraps the engine's observer (metrics) and records the rows of every decode step."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.sizes = inner, []
-
-    def on_step(self, batch_size: int) -> None:
-        self.sizes.append(batch_size)
-        if self.inner is not None:
-            self.inner.on_step(batch_size)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def test_edits_concurrently_equal_alone(smol_server: Any) -> None:
     """At the adapter's default alpha (2): the exactness guarantee of docs/server.md, over HTTP."""
     edits: list[dict[str, Any] | None] = [None, {"layers": "selected"}, {"layers": "all", "alpha": 0.5}]
@@ -104,7 +90,7 @@ def test_edits_concurrently_equal_alone(smol_server: Any) -> None:
         return [r.json() for r in rs]
 
     engine = smol_server.engine
-    recorder = RecordingObserver(engine.observer)
+    recorder = StepSizes(engine.observer)
     engine.observer = recorder
     try:
         batched = asyncio.run(together())

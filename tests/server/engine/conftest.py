@@ -86,18 +86,22 @@ async def aiter_outputs(it: AsyncIterator[GenerationOutput]) -> list[GenerationO
 
 
 class StepSizes:
-    """Engine observer recording the rows of every step: proof that requests shared forward passes."""
+    """Engine observer recording the rows of every step: proof that requests shared forward passes. ``inner``: an
+    observer (the server's metrics) that still gets every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
         self.sizes: list[int] = []
 
     def on_step(self, batch_size: int) -> None:
         self.sizes.append(batch_size)
+        if self.inner is not None:
+            self.inner.on_step(batch_size)
 
-    def on_first_token(self, request_id: str, seconds: float) -> None: ...
-    def on_token(self, request_id: str, seconds_since_last: float) -> None: ...
-    def on_finish(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
-    def on_edit(self, layer: int, tokens: int) -> None: ...
+    def __getattr__(self, name: str) -> Any:  # on_first_token, on_token, on_finish, on_edit
+        if self.inner is not None:
+            return getattr(self.inner, name)
+        return lambda *_args: None
 
 
 def count_steps(engine: Engine, calls: list[str]) -> None:
