@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -73,19 +74,37 @@ async def _together(engine: Engine, requests: list[GenerationRequest]) -> list[l
     return list(await asyncio.gather(*(collect(engine, r) for r in requests)))
 
 
+class JoinGate(StepSizes):
+    """Holds the engine thread at each decode step until ``open``: the newcomers are queued while the first rows
+    run, so they join a running batch however loaded the machine is (else the first rows could finish before the
+    event loop submits them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+
+    def on_step(self, batch_size: int) -> None:
+        super().on_step(batch_size)
+        self.open.wait(60)
+
+
 async def _joining(engine: Engine, requests: list[GenerationRequest]) -> list[list[GenerationOutput]]:
-    """The first two decode a few tokens, then the other two join their batch."""
+    """The first two start decoding, then the other two join their batch."""
+    gate = engine.observer
+    assert isinstance(gate, JoinGate)
     first = [engine.generate(r) for r in requests[:2]]
-    heads = [[await anext(stream)] for stream in first]  # both running
+    # both submitted in one tick (prefilled together); the engine then waits at its first decode step
+    heads = [[head] for head in await asyncio.gather(*(anext(stream) for stream in first))]
 
     async def rest(stream: Any, head: list[GenerationOutput]) -> list[GenerationOutput]:
         return head + [o async for o in stream]
 
-    return list(
-        await asyncio.gather(
-            *(rest(s, h) for s, h in zip(first, heads, strict=True)), *(collect(engine, r) for r in requests[2:])
-        )
-    )
+    later = [asyncio.ensure_future(collect(engine, r)) for r in requests[2:]]
+    while engine.queue_depth < len(later):  # submitted once each task first runs
+        await asyncio.sleep(0.01)
+    gate.open.set()
+    firsts = await asyncio.gather(*(rest(s, h) for s, h in zip(first, heads, strict=True)))
+    return [*firsts, *(await asyncio.gather(*later))]
 
 
 MODES = {
@@ -113,7 +132,7 @@ def served(family: tuple[LoadedModel, HPREditor], mode: str) -> tuple[list[list[
     key = (loaded.model_id, mode)
     if key not in _SERVED:
         how, kwargs = MODES[mode]
-        observer = StepSizes()
+        observer = JoinGate() if how is _joining else StepSizes()
 
         async def main() -> list[list[GenerationOutput]]:
             engine = Engine(loaded, editor.registry, max_batch_size=8, observer=observer, **kwargs)
