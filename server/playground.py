@@ -1,4 +1,4 @@
-"""``GET /playground``: the A/B playground, three static files (HTML, CSS, one JS module) served from the package.
+"""``GET /playground``: the A/B playground, static files (HTML, CSS, a few JS modules) served from the package.
 
 No build step and nothing from a CDN: the page works offline and inside the container. It only talks to this
 server's own ``/v1`` API, so it needs no route of its own beyond these files (``--no-playground`` leaves them out).
@@ -14,9 +14,17 @@ from fastapi.responses import FileResponse
 from server.errors import APIError
 
 STATIC_DIR = Path(__file__).parent / "static"
+_JAVASCRIPT = "text/javascript; charset=utf-8"  # browsers run an ES module only when it is served as JavaScript
 _ASSETS = {
     "playground.css": "text/css; charset=utf-8",
-    "playground.js": "text/javascript; charset=utf-8",
+    "playground.js": _JAVASCRIPT,  # the page's entry module; the others are what it imports
+    "api.js": _JAVASCRIPT,
+    "column.js": _JAVASCRIPT,
+    "dom.js": _JAVASCRIPT,
+    "edit.js": _JAVASCRIPT,
+    "repro.js": _JAVASCRIPT,
+    "stats.js": _JAVASCRIPT,
+    "structured.js": _JAVASCRIPT,
 }
 # The page loads only same-origin files and talks only to this server: a browser that honours the policy refuses
 # anything else (a stray CDN link, an injected script) instead of fetching it.

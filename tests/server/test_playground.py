@@ -1,4 +1,4 @@
-"""``GET /playground`` over HTTP: the three static files, their size, no external references, and the off switch.
+"""``GET /playground`` over HTTP: its static files, their size, no external references, and the off switch.
 
 The page itself is driven in a real browser in ``test_playground_browser.py``.
 """
@@ -6,6 +6,7 @@ The page itself is driven in a real browser in ``test_playground_browser.py``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -14,7 +15,9 @@ from server.app import create_app
 from server.cli import parse_settings
 from server.playground import STATIC_DIR
 
-ASSETS = ["/playground", "/playground/playground.css", "/playground/playground.js"]
+# the page, then every other file in server/static/ (the CSS and the ES modules the page imports)
+ASSETS = ["/playground", *(f"/playground/{f.name}" for f in sorted(STATIC_DIR.iterdir()) if f.suffix != ".html")]
+TYPES = {".css": "text/css", ".js": "text/javascript"}  # a module served as anything else is refused by the browser
 MAX_PAGE_BYTES = 150 * 1024
 
 
@@ -22,7 +25,7 @@ def client(settings: Any) -> TestClient:
     return TestClient(create_app(settings))  # no `with`: no lifespan, no model: the page needs none
 
 
-def test_playground_serves_its_three_files(tiny_settings: Any) -> None:
+def test_playground_serves_every_static_file(tiny_settings: Any) -> None:
     http = client(tiny_settings)
     types = {}
     total = 0
@@ -32,7 +35,8 @@ def test_playground_serves_its_three_files(tiny_settings: Any) -> None:
         assert "default-src 'self'" in response.headers["content-security-policy"]
         types[path] = response.headers["content-type"].split(";")[0]
         total += len(response.content)
-    assert types == {ASSETS[0]: "text/html", ASSETS[1]: "text/css", ASSETS[2]: "text/javascript"}
+    assert types == {ASSETS[0]: "text/html"} | {path: TYPES[Path(path).suffix] for path in ASSETS[1:]}
+    assert "/playground/playground.js" in ASSETS
     assert total <= MAX_PAGE_BYTES
 
 
@@ -47,10 +51,12 @@ def test_playground_serves_nothing_else(tiny_settings: Any) -> None:
 def test_playground_references_no_external_resource() -> None:
     for file in STATIC_DIR.iterdir():
         text = file.read_text()
-        # every src/href/url()/import names a path on this server (or a data: URL)
+        # every src/href/url()/import names a path on this server (or a data: URL); modules import their siblings
         for ref in re.findall(r"""(?:src|href)=["']([^"']+)|url\(([^)]+)\)|from\s+["']([^"']+)""", text):
             target = next(part for part in ref if part)
-            assert target.startswith(("/", "data:", "#")), (file.name, target)
+            assert target.startswith(("/", "./", "data:", "#")), (file.name, target)
+            if target.startswith("./"):
+                assert (STATIC_DIR / target[2:]).is_file(), (file.name, target)
         assert "//cdn" not in text and "googleapis" not in text, file.name
 
 
