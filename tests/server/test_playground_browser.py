@@ -141,6 +141,12 @@ def wait_models(driver: Any) -> None:
     wait_for(lambda: "adapter" in status(driver), what="the model list")
 
 
+def open_playground(driver: Any, live: LiveServer, width: int = 1280) -> None:
+    """Open the page and wait until it lists the models."""
+    open_page(driver, live, width)
+    wait_models(driver)
+
+
 def status(driver: Any) -> str:
     return str(driver.find_element(By.ID, "server-status").text)
 
@@ -179,6 +185,20 @@ def wait_done(driver: Any, *indices: int, timeout: float = 30) -> None:
         wait_for(lambda i=i: state(driver, i) in ("done", "error", "stopped"), timeout, f"column {i} to finish")
 
 
+def greedy(driver: Any, max_tokens: str = "8") -> None:
+    """Columns A and B: temperature 0, at most `max_tokens`."""
+    for i in (0, 1):
+        set_sampling(driver, i, max_tokens=max_tokens)
+
+
+def send_greedy(driver: Any, max_tokens: str = "8", wait: bool = True) -> None:
+    """Greedy A and B (`greedy`), send the prompt with Ctrl+Enter and, with `wait`, wait until both have finished."""
+    greedy(driver, max_tokens)
+    send(driver)
+    if wait:
+        wait_done(driver, 0, 1)
+
+
 def running_gauge(live: LiveServer) -> float:
     for line in httpx.get(live.base_url + "/metrics").text.splitlines():
         if line.startswith("hpr_running_requests "):
@@ -193,8 +213,7 @@ def test_page_loads_lists_adapters_fast_small_and_offline(
     server: tuple[LiveServer, EngineRecorder], browser: Any, screenshots: Path
 ) -> None:
     live, _ = server
-    open_page(browser, live)
-    wait_models(browser)
+    open_playground(browser, live)
     options = [o.get_attribute("value") for o in field(browser, 1, "adapter").find_elements(By.TAG_NAME, "option")]
     assert options == ["", "tiny"]
     assert field(browser, 0, "adapter").get_attribute("value") == ""  # A: the base model
@@ -227,8 +246,7 @@ def test_layers_and_alpha_change_what_the_edited_column_sends(
     server: tuple[LiveServer, EngineRecorder], recorder: EngineRecorder, browser: Any, screenshots: Path
 ) -> None:
     live, _ = server
-    open_page(browser, live)
-    wait_models(browser)
+    open_playground(browser, live)
     bars = {b.get_attribute("data-layer"): b for b in column(browser, 1).find_elements(By.CSS_SELECTOR, ".chart .bar")}
     bars["3"].click()  # on
     bars["0"].click()  # off
@@ -241,10 +259,7 @@ def test_layers_and_alpha_change_what_the_edited_column_sends(
     scope = field(browser, 1, "scope")
     scope.send_keys("generated")
     field(browser, 1, "edit-tokens").send_keys("4")
-    for i in (0, 1):
-        set_sampling(browser, i)
-    send(browser)
-    wait_done(browser, 0, 1)
+    send_greedy(browser)
     assert state(browser, 0) == "done" and state(browser, 1) == "done"
 
     edit = recorder.edited().edit  # what the server resolved from the page's request
@@ -268,10 +283,8 @@ def test_both_columns_stream_and_start_together(
     server: tuple[LiveServer, EngineRecorder], recorder: EngineRecorder, browser: Any, screenshots: Path
 ) -> None:
     live, _ = server
-    open_page(browser, live)
-    wait_models(browser)
-    for i in (0, 1):
-        set_sampling(browser, i, max_tokens="24")
+    open_playground(browser, live)
+    greedy(browser, max_tokens="24")
     browser.find_element(By.ID, "user").send_keys(PROMPT)
     browser.find_element(By.ID, "send").click()
     wait_done(browser, 0, 1)
@@ -301,11 +314,8 @@ def test_stop_cancels_the_stream_and_frees_the_slot(
 
     runner.decode = slow_decode
     try:
-        open_page(browser, live)
-        wait_models(browser)
-        for i in (0, 1):
-            set_sampling(browser, i, max_tokens="240")
-        send(browser)
+        open_playground(browser, live)
+        send_greedy(browser, max_tokens="240", wait=False)
         output = column(browser, 1).find_element(By.CLASS_NAME, "output")
         wait_for(lambda: len(output.text) > 5 and state(browser, 1) == "running", what="column B to stream")
         column(browser, 1).find_element(By.CLASS_NAME, "stop").click()
@@ -327,14 +337,10 @@ def test_a_bad_layer_shows_the_servers_400_and_breaks_nothing(
     server: tuple[LiveServer, EngineRecorder], recorder: EngineRecorder, browser: Any, screenshots: Path
 ) -> None:
     live, _ = server
-    open_page(browser, live)
-    wait_models(browser)
+    open_playground(browser, live)
     set_value(browser, field(browser, 1, "layers"), "1,9")
     assert "invalid" in (field(browser, 1, "layers").get_attribute("class") or "")
-    for i in (0, 1):
-        set_sampling(browser, i)
-    send(browser)
-    wait_done(browser, 0, 1)
+    send_greedy(browser)
     body = {
         "model": "tiny-llama",
         "messages": [{"role": "user", "content": PROMPT}],
@@ -347,8 +353,7 @@ def test_a_bad_layer_shows_the_servers_400_and_breaks_nothing(
     assert state(browser, 0) == "done"  # the other column is unaffected
     browser.save_screenshot(str(screenshots / "error-400.png"))
     column(browser, 1).find_element(By.CSS_SELECTOR, '[data-pick="selected"]').click()
-    send(browser)
-    wait_done(browser, 0, 1)
+    send_greedy(browser)
     assert state(browser, 1) == "done" and not error.is_displayed()
 
 
@@ -359,10 +364,7 @@ def test_a_wrong_key_shows_401_and_the_key_stays_out_of_urls(tiny_settings: Serv
         key = driver.find_element(By.ID, "api-key")
         key.send_keys("wrong-key", Keys.ENTER)
         wait_for(lambda: "invalid API key" in status(driver), what="the wrong key's 401")
-        for i in (0, 1):
-            set_sampling(driver, i)
-        send(driver)
-        wait_done(driver, 0, 1)
+        send_greedy(driver)
         error = column(driver, 0).find_element(By.CLASS_NAME, "error")
         assert error.text.startswith("401") and "invalid API key" in error.text
         driver.save_screenshot(str(screenshots / "error-401.png"))
@@ -373,10 +375,7 @@ def test_a_wrong_key_shows_401_and_the_key_stays_out_of_urls(tiny_settings: Serv
         assert driver.execute_script("return sessionStorage.getItem('hpr-playground-api-key')") == KEY
         driver.refresh()  # the key survives a reload of the tab
         wait_models(driver)
-        for i in (0, 1):
-            set_sampling(driver, i)
-        send(driver)
-        wait_done(driver, 0, 1)
+        send_greedy(driver)
         assert state(driver, 0) == state(driver, 1) == "done"
         column(driver, 1).find_element(By.CSS_SELECTOR, ".repro summary").click()
         curl = column(driver, 1).find_element(By.CSS_SELECTOR, "code.curl").text
@@ -390,8 +389,7 @@ def test_layout_fits_and_every_control_is_labelled_and_focusable(
     server: tuple[LiveServer, EngineRecorder], browser: Any, screenshots: Path, width: int
 ) -> None:
     live, _ = server
-    open_page(browser, live, width=width)
-    wait_models(browser)
+    open_playground(browser, live, width=width)
     assert browser.execute_script("return document.documentElement.scrollWidth") <= width
     problems = browser.execute_script(
         """
@@ -423,17 +421,13 @@ def test_a_json_schema_constrains_its_column_and_the_page_says_whether_it_parses
 ) -> None:
     """Issue 30 §6: the schema box of a column becomes its response_format; the answer is checked for JSON."""
     live, _ = server
-    open_page(browser, live)
-    wait_models(browser)
+    open_playground(browser, live)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}  # fmt: skip
     column(browser, 0).find_element(By.CSS_SELECTOR, ".structured summary").click()
     box = field(browser, 0, "json-schema")
     set_value(browser, box, json.dumps(schema))
-    for i in (0, 1):
-        set_sampling(browser, i, max_tokens="40")
-    send(browser)
-    wait_done(browser, 0, 1)
+    send_greedy(browser, max_tokens="40")
     constrained = next(r for r in recorder.requests if r.constraint is not None)
     assert json.loads(constrained.constraint.schema) == schema
     assert sum(r.constraint is None for r in recorder.requests) == 1  # column B: free text
@@ -448,8 +442,7 @@ def test_a_json_schema_constrains_its_column_and_the_page_says_whether_it_parses
 
     recorder.clear()  # a box that is not JSON: the column says why and sends nothing; the other column runs
     set_value(browser, box, "{not json")
-    send(browser)
-    wait_done(browser, 0, 1)
+    send_greedy(browser, max_tokens="40")
     assert state(browser, 0) == "error" and "the JSON schema is not JSON" in column(browser, 0).text
     assert len(recorder.requests) == 1 and recorder.requests[0].constraint is None
     set_value(browser, box, "")
