@@ -10,8 +10,8 @@ RUN_DIR ?= runs/truthfulqa
 CHECKPOINT := $(RUN_DIR)/checkpoint
 ADAPTER := $(notdir $(RUN_DIR))
 # The served default: prompt format, strength, scope and edited tokens chosen by the generation-mode rule
-# (docs/quality.md), cross-validated on the train split (bench/crossval_gen.py; 41 eval questions proved too few). The
-# scoring-mode MC optimum (alpha 2 on every position and token) is what `make eval` compares it with.
+# (docs/quality.md), cross-validated on the train split (experiments/crossval_gen.py; 41 eval questions proved too
+# few). The scoring-mode MC optimum (alpha 2 on every position and token) is what `make eval` compares it with.
 FORMAT ?= qa
 ALPHA  ?= 0.5
 SCOPE  ?= generated

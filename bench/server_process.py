@@ -1,124 +1,43 @@
-"""Servers under benchmark as subprocesses on loopback: start, wait for health, pause/resume, stop.
+"""Servers under benchmark as subprocesses on loopback, and the two inputs they share.
 
-Used by ``bench/compare_servers.py``. Every server binds 127.0.0.1 on a free port; its output goes to a log file
-so a failure to start can be shown. Also builds the two inputs the servers share: the model directory that
-``transformers serve`` can load, and the HPR adapter (trained checkpoint, else random weights of the right shape).
+Used by ``bench/compare_servers.py`` and the other benchmarks that start servers. :class:`ServerProcess` is
+:class:`trainer.server_process.ServerProcess` (start, wait for health, pause/resume with SIGSTOP/SIGCONT, stop;
+127.0.0.1 on a free port, output to a log file so a failure to start can be shown), run from the repository root.
+Also builds the model directory that ``transformers serve`` can load, and the HPR adapter (trained checkpoint, else
+random weights of the right shape).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from trainer.server_process import ServerProcess as _ServerProcess
+from trainer.server_process import ServerStartError, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TRAINED_CHECKPOINT = REPO / "runs" / "truthfulqa" / "checkpoint"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = [
+    "REPO",
+    "TRAINED_CHECKPOINT",
+    "VENV_BIN",
+    "ServerProcess",
+    "ServerStartError",
+    "bench_adapter",
+    "free_port",
+    "transformers_serve_model_dir",
+]
 
 
 @dataclass
-class ServerProcess:
-    """One server: ``command`` is run with ``{port}`` substituted; ``base_url`` ends in ``/v1``."""
+class ServerProcess(_ServerProcess):
+    """One server under benchmark: ``command`` is run with ``{port}`` substituted, from the repository root."""
 
-    name: str
-    command: list[str]
-    log_dir: Path
-    model: str  # the `model` field requests send for the base model
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    paused: bool = False
-    threads: int | None = None  # torch intra-op threads (OMP_NUM_THREADS), the same for every server; None: default
-    env: dict[str, str] = field(default_factory=dict)  # more environment for the server process
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def log_file(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
-
-    def start(self) -> None:
-        cmd = [part.replace("{port}", str(self.port)) for part in self.command]
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("wb") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
-            log.flush()
-            env = dict(os.environ)
-            if self.threads:
-                env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-            env.update(self.env)
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env
-            )
-
-    def wait_healthy(self, timeout: float) -> None:
-        """Poll ``GET /health`` until 200; raise with the log's tail if the process dies or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/health"
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited during startup; log tail:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s; log tail:\n{self.log_tail()}")
-
-    def pause(self) -> None:
-        """SIGSTOP the server (and its process group) so an idle server takes no CPU from the one measured."""
-        if self.proc is not None and self.proc.poll() is None and not self.paused:
-            os.killpg(self.proc.pid, signal.SIGSTOP)
-            self.paused = True
-
-    def resume(self) -> None:
-        if self.proc is not None and self.paused:
-            os.killpg(self.proc.pid, signal.SIGCONT)
-            self.paused = False
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.resume()
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (all its threads), from /proc; NaN if unknown."""
-        if self.proc is None:
-            return float("nan")
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in ticks
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+    cwd: Path | None = REPO
 
 
 def transformers_serve_model_dir(work_dir: Path) -> Path:

@@ -3,7 +3,7 @@
 By default glibc hands every block above a dynamic threshold (128 kB, rising to at most 32 MB) to ``mmap`` and
 gives it back to the OS on free, and trims the heap's free top. A running batch's KV cache is rebuilt whenever rows
 join or leave (~0.9 GB for 32 rows of 600 tokens of SmolLM2 in fp32, 30 buffers of ~20-30 MB), and each rebuild
-then page-faults fresh memory in from the OS. Measured here (``bench/kv_join.py``, 2 threads, ABBA): join + filter
+then page-faults fresh memory in from the OS. Measured here (``experiments/kv_join.py``, 2 threads, ABBA): join + filter
 of that cache took 205 ms (median) with freed memory kept against 322 ms with glibc's defaults, the first one 0.68 s
 against 1.36 s; the worst after the first was no better (1.3 s against 0.8 s). In the engine with 32 streams and
 8 arriving 512-token prompts (``bench/chunked_prefill.py``), the longest pause did not change measurably and the

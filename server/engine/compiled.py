@@ -17,7 +17,7 @@ step is a function of tensors:
   objects), on whether statistics are collected and on a batch of one row or more; alphas are tensors and never
   recompile. The batch size and the cache capacity are dynamic dimensions: one graph serves every size.
 - **Graphs are few, on purpose:** on a CPU each frozen graph holds its own packed copy of the weights (SmolLM2
-  fp32: 0.65-0.8 GB per graph, bench/compiled_memory.py). After ``max_graphs`` graphs, a step that would need
+  fp32: 0.65-0.8 GB per graph, experiments/compiled_memory.py). After ``max_graphs`` graphs, a step that would need
   another runs eagerly (:meth:`CompiledDecoder.forward` returns None), so varied edits cannot exhaust memory.
 
 Only for models whose loop is Llama's (:data:`~server.engine.mixed.MIXABLE_MODEL_TYPES`), with SDPA attention and

@@ -1,7 +1,7 @@
 """Tables and the answer gallery of docs/quality.md, generated from an ``hpr-train eval-gen`` run (no hand-picked
 wording): the metrics of each configuration, and the first N questions with every configuration's answer.
 
-    .venv/bin/python bench/quality_report.py --run runs/truthfulqa [--gallery 12] [--write docs/quality.md]
+    .venv/bin/python experiments/quality_report.py --run runs/truthfulqa [--gallery 12] [--write docs/quality.md]
 
 Without ``--write`` it prints the Markdown; with it, it replaces the parts of the file between
 ``<!-- quality:table:<split> -->`` / ``<!-- quality:gallery:<split> -->`` and their ``<!-- /quality... -->`` markers.
@@ -44,7 +44,7 @@ def _edit(report: dict[str, Any], name: str) -> str:
     applied = report["configs"][name]["applied"]
     if applied is None:
         return "none"
-    by_fold = applied["layers"] and isinstance(applied["layers"][0], list)  # bench/crossval_gen.py: one per fold
+    by_fold = applied["layers"] and isinstance(applied["layers"][0], list)  # experiments/crossval_gen.py: one per fold
     layers = " / ".join(_layers(f) for f in applied["layers"]) if by_fold else _layers(applied["layers"])
     tokens = applied.get("edit_tokens", "all")
     limit = "" if tokens == "all" else f", first {tokens} token{'' if tokens == 1 else 's'}"

@@ -2,11 +2,11 @@
 
 In scoring mode the HPR edit prefers true answers (MC2 +24 points on eval, against +10 for a random edit of the same
 size), while its generated answers are no truer than a random edit's. This script asks whether that scoring-mode
-preference can pick the truer of the model's *own* answers: for every train question of ``bench/crossval_gen.py``'s
-folds, the candidates are the distinct answers already generated there (the base's and the sweep's configurations),
-each with its stored BLEU-acc / ROUGE-L-acc judgement. Each candidate is scored in the chat template by the fold's
-adapter (trained without the question) at the scoring-mode optimum (alpha 2, every position and token) and by the
-unedited base model, and one is picked per question.
+preference can pick the truer of the model's *own* answers: for every train question of
+``experiments/crossval_gen.py``'s folds, the candidates are the distinct answers already generated there (the base's and
+the sweep's configurations), each with its stored BLEU-acc / ROUGE-L-acc judgement. Each candidate is scored in the chat
+template by the fold's adapter (trained without the question) at the scoring-mode optimum (alpha 2, every position and
+token) and by the unedited base model, and one is picked per question.
 
 Chosen before looking (2026-12-03):
 - primary pick ``ratio``: the highest sum over the answer's tokens of log p_edited − log p_base;
@@ -16,7 +16,7 @@ Chosen before looking (2026-12-03):
   reported too, with the picked answers' median perplexity and degenerate share (stored judgements), the share of
   questions whose pick is not the base's answer, the oracle (some candidate true) and a uniform pick's expectation.
 
-    .venv/bin/python bench/rerank_offline.py [--runs runs/crossval] [--sweep s1] [--null-sweep null1]
+    .venv/bin/python experiments/rerank_offline.py [--runs runs/crossval] [--sweep s1] [--null-sweep null1]
 """
 
 from __future__ import annotations

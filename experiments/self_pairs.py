@@ -8,7 +8,7 @@ false when both are closer to an incorrect one, unused when they disagree), drop
 ≥ 25 % repeated 4-grams from both sides, and writes up to ``--pairs-per-question`` (true, false) pairs per question
 as the JSONL that ``hpr-train run --pairs-file`` reads. Every labelled answer goes to ``OUT.answers.jsonl``.
 
-    python bench/self_pairs.py --split train --n 8 --out runs/self/pairs.jsonl
+    python experiments/self_pairs.py --split train --n 8 --out runs/self/pairs.jsonl
     hpr-train run --pairs-file runs/self/pairs.jsonl --format chat --split-ratios 0.9,0.1,0 --out runs/self \
         --skip-eval
 

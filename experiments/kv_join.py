@@ -9,7 +9,7 @@ default) and ``defaults`` (``--no-malloc-tuning``), in ABBA order; ``MALLOC_*`` 
 children's environment. Prints per side the median and max of join + filter (ms) over the repetitions after the
 first (the first pays for the process's first touch of that much memory either way), and the first.
 
-    .venv/bin/python bench/kv_join.py [--rounds 2] [--threads 2] [--reps 8]
+    .venv/bin/python experiments/kv_join.py [--rounds 2] [--threads 2] [--reps 8]
 
 ``--churn``: the steady state of a busy server instead, one row finishing and one newcomer joining per cycle, in one
 process with hpr-serve's allocator settings, ABBA by cycle: ``copy`` (the kept rows copied into a new cache, then

@@ -6,7 +6,7 @@ the adapter's default edit at 1 row, the same at 4 rows, no edit at 1 row, one l
 and the default edit with edit statistics at 1 row. After each, the process's resident memory (VmRSS, after
 ``malloc_trim`` so freed memory is not counted) and the request's wall time (mostly the compile).
 
-    python bench/compiled_memory.py [--tokens 8] [--threads 1] [--max-graphs N]
+    python experiments/compiled_memory.py [--tokens 8] [--threads 1] [--max-graphs N]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The served default (format, alpha, scope, edited tokens: the Makefile's) was chosen on the 41 eval questions and
 judged once on test (docs/quality.md). 41 questions are a small selection set, and test must not become a second
-one. This bench measures the same *recipe* on questions neither the choice nor test used: the 367 train questions,
+one. This experiment measures the same *recipe* on questions neither the choice nor test used: the 367 train questions,
 split into ``--folds`` folds. For each fold it runs the product's own pipeline:
 
 - ``hpr-train run`` on the other folds (``--splits-file``: train = the other folds, eval = the seed's eval split,
@@ -12,7 +12,7 @@ split into ``--folds`` folds. For each fold it runs the product's own pipeline:
 
 Then it pools every fold's answers, judges them again with one perplexity threshold for "degenerate" (the pooled
 base's 95th percentile), and prints the pooled differences with paired-bootstrap 95 % CIs (``OUT/pooled/``, the
-same files as an ``eval-gen`` run). Each fold's finished run is kept and skipped when the bench runs again.
+same files as an ``eval-gen`` run). Each fold's finished run is kept and skipped when the script runs again.
 
 ``--sweep NAME --config SPEC …`` judges other configurations of the same recipe instead (``eval-gen``'s
 ``--config`` syntax without the adapter: ``NAME=[layers=L][:alpha=A][:scope=S][:tokens=N]``, unset fields at the
@@ -22,8 +22,8 @@ fold adapter's defaults): each fold's adapter is trained once, as above; the swe
 ``w`` replaced by a random one of the same norm (angle MLPs kept), so the edit is as large but points nowhere
 learned. Each configuration's row also gives the share of answers whose text differs from the base's.
 
-    .venv/bin/python bench/crossval_gen.py [--out runs/crossval] [--folds 3] [--seed 0]
-    .venv/bin/python bench/crossval_gen.py --sweep s1 --config a025t4=alpha=0.25:tokens=4 --config …
+    .venv/bin/python experiments/crossval_gen.py [--out runs/crossval] [--folds 3] [--seed 0]
+    .venv/bin/python experiments/crossval_gen.py --sweep s1 --config a025t4=alpha=0.25:tokens=4 --config …
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Model selection for a trained run, on the EVAL split only: MC1/MC2 for each (top-k, alpha).
 
-    .venv/bin/python bench/trainer_sweep.py --out runs/truthfulqa --k 1,3,5,8 --alpha 0.5,1,2 [--split eval]
+    .venv/bin/python experiments/trainer_sweep.py --out runs/truthfulqa --k 1,3,5,8 --alpha 0.5,1,2 [--split eval]
 
 Reads OUT/checkpoint, scores the base model once and the edited model per setting, prints a table and writes
 OUT/sweep-<split>.json. ``--split train-holdout`` scores the last ``--holdout`` train questions instead (questions

@@ -7,7 +7,7 @@ the LM head left fp32). Also checks that the first 10 greedy tokens agree. torch
 hpr-serve (``pip install 'hpr-serve[int8]'``; 0.18.0 was measured), or pass ``--no-int8``.
 Compiling takes a minute or more per variant on 2 cores.
 
-    .venv/bin/python bench/int8_compile.py [--tokens 48] [--threads 1] [--reps 3] [--no-int8]
+    .venv/bin/python experiments/int8_compile.py [--tokens 48] [--threads 1] [--reps 3] [--no-int8]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/rerank_offline.py: the candidate pool and the judged picks, against hand-computed values."""
+"""experiments/rerank_offline.py: the candidate pool and the judged picks, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import rerank_offline as ro
 
 

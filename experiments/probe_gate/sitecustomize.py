@@ -5,8 +5,9 @@ in the environment, the server that ``eval-gen`` starts (and ``eval-gen``'s own 
 p < g, g chosen per request by the fourth decimal of its alpha (which changes θ by < 0.1 %):
 1 → 0.1, 2 → 0.2, 5 → 0.05, 0 → 0.5 (unchanged). So one run compares several gates::
 
-    PYTHONPATH=bench/probe_gate HPR_GATE_BY_ALPHA=1 .venv/bin/hpr-train eval-gen --out runs/gate-b --split train \\
-        --max-questions 200 --adapter qa=runs/truthfulqa/checkpoint --config g05a1=qa:alpha=1.0005:scope=generated
+    PYTHONPATH=experiments/probe_gate HPR_GATE_BY_ALPHA=1 .venv/bin/hpr-train eval-gen --out runs/gate-b \\
+        --split train --max-questions 200 --adapter qa=runs/truthfulqa/checkpoint \\
+        --config g05a1=qa:alpha=1.0005:scope=generated
 
 Python imports ``sitecustomize`` at start-up; without the variable this file does nothing.
 """

@@ -1,4 +1,4 @@
-"""bench/crossval_gen.py: sweep configurations, the random-probe null control, and stale fold answers."""
+"""experiments/crossval_gen.py: sweep configurations, the random-probe null control, and stale fold answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import crossval_gen as cv
 import quality_report as qr
 

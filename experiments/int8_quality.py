@@ -6,7 +6,7 @@ int8 weights (torchao, as ``hpr-serve --quantization int8``): the base model and
 (``hpr-train eval``), which scored the same questions the same way. Generation metrics: ``hpr-train eval-gen
 --quantization int8``.
 
-    .venv/bin/python bench/int8_quality.py [--run runs/truthfulqa] [--alpha 2] [--scope all] [--threads 1]
+    .venv/bin/python experiments/int8_quality.py [--run runs/truthfulqa] [--alpha 2] [--scope all] [--threads 1]
 """
 
 from __future__ import annotations
