@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import nn
 
@@ -24,8 +24,16 @@ from hpr.errors import CheckpointError
 from hpr.householder import HPRLayer, default_widths
 from hpr.steering import SteeringVector
 
-if TYPE_CHECKING:
-    from hpr.checkpoint import HPRConfig
+
+class MethodConfig(Protocol):
+    """The fields of a checkpoint's config (:class:`hpr.checkpoint_format.HPRConfig`) a method reads and fills.
+
+    A protocol rather than the config class itself: the config's validation looks its method up here, so this
+    module must not import the config's.
+    """
+
+    hidden_size: int  # h
+    angle_widths: list[int]  # HPR's angle-MLP widths h, h/2, ...; empty for other methods
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,8 @@ class EditMethod:
 
     name: str
     description: str
-    prepare: Callable[[HPRConfig], None]  # fill method defaults, raise CheckpointError on bad method fields
-    build: Callable[[HPRConfig], nn.Module]  # one layer's module (an EditModule), float32, untrained
+    prepare: Callable[[MethodConfig], None]  # fill method defaults, raise CheckpointError on bad method fields
+    build: Callable[[MethodConfig], nn.Module]  # one layer's module (an EditModule), float32, untrained
 
 
 _METHODS: dict[str, EditMethod] = {}
@@ -59,14 +67,14 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def _prepare_hpr(config: HPRConfig) -> None:
+def _prepare_hpr(config: MethodConfig) -> None:
     if not config.angle_widths:
         config.angle_widths = default_widths(config.hidden_size)
     if config.angle_widths[0] != config.hidden_size:
         raise CheckpointError(f"angle_widths must start at hidden_size {config.hidden_size}: {config.angle_widths}")
 
 
-def _prepare_steer(config: HPRConfig) -> None:
+def _prepare_steer(config: MethodConfig) -> None:
     if config.angle_widths:
         raise CheckpointError(f"method 'steer' has no angle MLP, but angle_widths is {config.angle_widths}")
 

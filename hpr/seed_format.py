@@ -2,7 +2,8 @@
 
 ``guidance_config.json`` + ``guidance.safetensors`` (keys ``<l>.lr_model.weight`` and
 ``<l>.angle_model.model.<i>.weight|bias``), plus ``probe_results.json`` from its ``evaluate_probe.py``.
-:meth:`hpr.checkpoint.HPRAdapter.load` reads it through :func:`load_seed`; :func:`save_seed_format` writes it.
+:meth:`hpr.checkpoint.HPRAdapter.load` reads it through :func:`read_seed`; :func:`save_seed_format` writes it.
+This module builds on :mod:`hpr.checkpoint_format` only, not on :mod:`hpr.checkpoint`, which imports it.
 """
 
 from __future__ import annotations
@@ -12,19 +13,17 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from safetensors.torch import save_file
 from torch import Tensor
 
 from hpr.atomic_write import atomic_write
-from hpr.checkpoint import (
+from hpr.checkpoint_format import (
     SEED_CONFIG_NAME,
     SEED_PROBE_RESULTS_NAME,
     SEED_WEIGHTS_NAME,
-    HPRAdapter,
     HPRConfig,
-    load_state,
     read_json,
     read_tensors,
 )
@@ -36,6 +35,15 @@ _SEED_IDS = re.compile(r"\s*\d+\s*(?:,\s*\d+\s*)*")
 _SEED_FORMS = "an int (one layer), a '2,4' string, a list of ints, or an object {layer: probe accuracy}"
 # Where older configs (and this project's save_seed_format before it matched the reference) kept the selection.
 _SEED_SELECTION_FIELDS = ("selected_layers", "guided_layers", "guidance_layers")
+
+
+class AdapterWeights(Protocol):
+    """What :func:`save_seed_format` reads of an :class:`hpr.checkpoint.HPRAdapter`."""
+
+    @property
+    def config(self) -> HPRConfig: ...
+
+    def state_tensors(self) -> dict[str, Tensor]: ...
 
 
 def _layer_names(layers: Sequence[int]) -> str:
@@ -116,8 +124,12 @@ def _read_probe_results(file: Path, num_layers: int, trained: list[int]) -> dict
     return accuracy
 
 
-def load_seed(path: Path, name: str, num_layers: int | None) -> HPRAdapter:
-    """The reference's layout: widths are read off the tensor shapes, the selection and accuracies off the JSON."""
+def read_seed(path: Path, num_layers: int | None) -> tuple[HPRConfig, dict[str, Tensor]]:
+    """The reference's layout in ``path``: its config and its tensors, keyed as ``HPRAdapter.modules_by_layer``
+    names them (``<l>.probe.weight``, ``<l>.angle.model.<i>.weight|bias``).
+
+    Widths are read off the tensor shapes, the selection and accuracies off the JSON.
+    """
     weights = path / SEED_WEIGHTS_NAME
     cfg_file = path / SEED_CONFIG_NAME
     cfg: dict[str, Any] = read_json(cfg_file) if cfg_file.exists() else {}
@@ -178,13 +190,10 @@ def load_seed(path: Path, name: str, num_layers: int | None) -> HPRAdapter:
         )
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    adapter = HPRAdapter(config, name=name, source=str(path))
-    state = {f"{layer}.{k}": v for layer, d in by_layer.items() for k, v in d.items()}
-    load_state(adapter, state, weights)
-    return adapter
+    return config, {f"{layer}.{k}": v for layer, d in by_layer.items() for k, v in d.items()}
 
 
-def save_seed_format(adapter: HPRAdapter, directory: str | os.PathLike[str]) -> Path:
+def save_seed_format(adapter: AdapterWeights, directory: str | os.PathLike[str]) -> Path:
     """Write ``adapter`` as the reference code leaves it after ``evaluate_probe.py`` (for its users and for tests).
 
     ``guidance_config.json`` holds every ``GuidanceConfig`` field; ``selected_layers`` is the ``{layer: accuracy}``
@@ -198,10 +207,10 @@ def save_seed_format(adapter: HPRAdapter, directory: str | os.PathLike[str]) -> 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
-    for key, value in adapter.modules_by_layer.state_dict().items():
-        layer, rest = key.split(".", 1)
+    for key, value in adapter.state_tensors().items():
+        layer, rest = key.removeprefix("layers.").split(".", 1)
         seed_rest = "lr_model.weight" if rest == "probe.weight" else rest.replace("angle.model.", "angle_model.model.")
-        tensors[f"{layer}.{seed_rest}"] = value.detach().float().cpu().contiguous()
+        tensors[f"{layer}.{seed_rest}"] = value
     atomic_write(path / SEED_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     selected: list[int] | dict[str, float] = list(config.selected_layers)
     if config.selected_layers and all(x in config.probe_accuracy for x in config.selected_layers):
