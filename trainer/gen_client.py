@@ -2,16 +2,12 @@
 
 The generation-mode evaluation never runs a generate loop of its own: answers come from the engine that serves
 users, over HTTP, as chat completions (greedy). ``trainer/`` does not import ``server/``: :class:`LocalServer`
-starts the ``hpr-serve`` command as a subprocess on a free loopback port.
+starts the ``hpr-serve`` command as a subprocess on a free loopback port (:mod:`trainer.server_process`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +22,11 @@ import httpx
 from tqdm import tqdm
 
 from trainer.errors import TrainerError
+from trainer.server_process import ServerProcess
 
 
 class GenerationError(TrainerError):
     """The server refused a request, died, or answered with something that is not a chat completion."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serve_command() -> str:
@@ -46,10 +37,13 @@ def _serve_command() -> str:
     return found
 
 
-class LocalServer:
-    """``hpr-serve`` on 127.0.0.1 in a subprocess, for the length of a ``with`` block; its log goes to a file.
+class LocalServer(ServerProcess):
+    """``hpr-serve`` on 127.0.0.1 in a subprocess, for the length of a ``with`` block; its log goes to a temporary
+    file, kept (and named in the error) only when something went wrong.
 
-    Also what bench/ and docs/ scripts start their server with (``extra_args``: any further ``hpr-serve`` flags)."""
+    Also what bench/ and docs/ scripts start our server with (``extra_args``: any further ``hpr-serve`` flags).
+    ``threads`` becomes ``--num-threads``. A failed start raises :class:`~trainer.server_process.ServerStartError`.
+    """
 
     def __init__(
         self,
@@ -62,15 +56,14 @@ class LocalServer:
         startup_timeout: float = 300.0,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.port = _free_port()
-        self.command = [
+        command = [
             _serve_command(),
             "--model",
             model,
             "--host",
             "127.0.0.1",
             "--port",
-            str(self.port),
+            "{port}",
             "--device",
             device,
             "--dtype",
@@ -81,57 +74,19 @@ class LocalServer:
             "warning",
         ]
         for name, path in adapters.items():
-            self.command += ["--adapter", f"{name}={path}"]
+            command += ["--adapter", f"{name}={path}"]
         if threads:
-            self.command += ["--num-threads", str(threads)]
-        self.command += list(extra_args)
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = Path(tempfile.mkstemp(prefix="hpr-eval-gen-server-", suffix=".log")[1])
-
-    @property
-    def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.root_url + "/v1"
-
-    def __enter__(self) -> LocalServer:
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise GenerationError(f"hpr-serve exited during startup; its log ({self.log}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise GenerationError(f"hpr-serve not healthy after {self.startup_timeout:.0f} s; log tail:\n{self.log_tail()}")
+            command += ["--num-threads", str(threads)]
+        command += list(extra_args)
+        log_dir = Path(tempfile.mkdtemp(prefix="hpr-eval-gen-server-"))
+        super().__init__("hpr-serve", command, log_dir, model, startup_timeout=startup_timeout, stop_timeout=30.0)
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.stop()
-        if exc_type is None:  # the log is kept (and named in the error) only when something went wrong
-            self.log.unlink(missing_ok=True)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        super().__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
