@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny random-weight llama (unit tests) and a random HPR adapter for it."""
+"""Shared fixtures: a tiny random-weight llama (unit tests) and random adapters for it (HPR, steering vector)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,67 +16,75 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRUTHFULQA_DIR = Path(os.environ.get("HPR_TRUTHFULQA_DIR", REPO_ROOT.parent / "shared" / "data" / "truthfulqa"))
 
 
+def tiny_config_kwargs(
+    vocab: int, eos: int, hidden: int = 64, layers: int = 4, heads: int = 4, max_positions: int = 256
+) -> dict[str, Any]:
+    """The config fields every tiny test model shares, whatever its family (this llama, ``tests/families.py``):
+    MLP width 2h, 2 KV heads, bos 1, pad 0, untied embeddings."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "bos_token_id": 1,
+        "eos_token_id": eos,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
+
+
 def make_tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 128):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
+    config = LlamaConfig(**tiny_config_kwargs(vocab, eos=2, hidden=hidden, layers=layers))
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def _random_adapter(
+    method: str,
+    name: str,
+    accuracy: Callable[[int], float],
+    hidden: int,
+    layers: int,
+    seed: int,
+    trained: list[int] | None,
+) -> HPRAdapter:
+    """An adapter of ``method`` for the tiny llama: modules on ``trained`` (default: every layer), the first two
+    selected, probe accuracy ``accuracy(i)`` for the i-th trained layer, N(0, 0.5) weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    trained = trained if trained is not None else list(range(layers))
+    config = HPRConfig(
+        base_model="tiny-llama",
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
+        num_layers=layers,
+        layers=trained,
+        selected_layers=trained[:2],
+        probe_accuracy={layer: accuracy(i) for i, layer in enumerate(trained)},
+        method=method,
     )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    return model
+    adapter = HPRAdapter(config, name=name)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.5)
+    return adapter.eval().requires_grad_(False)
 
 
 def make_random_adapter(
     hidden: int = 64, layers: int = 4, seed: int = 0, trained: list[int] | None = None
 ) -> HPRAdapter:
-    torch.manual_seed(seed)
-    trained = trained if trained is not None else list(range(layers))
-    config = HPRConfig(
-        base_model="tiny-llama",
-        hidden_size=hidden,
-        num_layers=layers,
-        layers=trained,
-        selected_layers=trained[:2],
-        probe_accuracy={layer: 0.5 + 0.1 * i for i, layer in enumerate(trained)},
-    )
-    adapter = HPRAdapter(config, name="tiny")
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.5)
-    return adapter.eval().requires_grad_(False)
+    """A random HPR adapter (``tiny``) for the tiny llama; probe accuracies 0.5, 0.6, ... in layer order."""
+    return _random_adapter("hpr", "tiny", lambda i: 0.5 + 0.1 * i, hidden, layers, seed, trained)
 
 
 def make_steering_adapter(
     hidden: int = 64, layers: int = 4, seed: int = 0, trained: list[int] | None = None
 ) -> HPRAdapter:
-    """A random additive steering-vector adapter (method ``steer``) for the tiny llama."""
-    torch.manual_seed(seed)
-    trained = trained if trained is not None else list(range(layers))
-    config = HPRConfig(
-        base_model="tiny-llama",
-        hidden_size=hidden,
-        num_layers=layers,
-        layers=trained,
-        selected_layers=trained[:2],
-        probe_accuracy={layer: 0.6 for layer in trained},
-        method="steer",
-    )
-    adapter = HPRAdapter(config, name="steer")
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.5)
-    return adapter.eval().requires_grad_(False)
+    """A random additive steering-vector adapter (method ``steer``, name ``steer``) for the tiny llama."""
+    return _random_adapter("steer", "steer", lambda i: 0.6, hidden, layers, seed, trained)
 
 
 @pytest.fixture(scope="session")
