@@ -164,14 +164,15 @@ class SamplingParams:
 class OutputConstraint:
     """The generated text must be JSON: any object (``json_object``) or one matching ``schema`` (``json_schema``).
 
-    Made by the serving layer (:mod:`server.serving.structured`), which checks the schema and compiles it, off the
-    engine thread, before the request reaches an engine. ``grammar`` is that compiled grammar (xgrammar's
-    ``CompiledGrammar``), which the hf engine constrains with; the vllm backend hands its EBNF text, ``ebnf``, to
-    vLLM's own structured outputs. Output is compact JSON (no whitespace between tokens of the grammar) in both."""
+    Made by the serving layer (:mod:`server.serving.structured`), which checks the schema and makes its grammar, off
+    the engine thread, before the request reaches an engine. ``grammar`` is an llguidance matcher at the grammar's
+    start, which the hf engine copies for each request; the vllm backend hands ``grammar_schema`` (the schema with
+    llguidance's options inside) to vLLM's guidance backend, which builds the same grammar. Output is compact JSON
+    in both."""
 
     kind: Literal["json_object", "json_schema"]
-    schema: str | None = None  # the JSON Schema as JSON text (json_schema)
-    ebnf: str | None = None  # the grammar both backends constrain with (xgrammar's EBNF)
+    schema: str | None = None  # the request's JSON Schema as JSON text (json_schema)
+    grammar_schema: str | None = None  # what both backends build the grammar from (JSON text)
     grammar: Any = field(default=None, compare=False, repr=False)
 
 

@@ -1,15 +1,25 @@
 """``response_format`` → an :class:`OutputConstraint`, checked and compiled before any engine sees the request.
 
 The schema is checked against its JSON Schema metaschema first (``jsonschema``), so a mistake is a 400 naming its
-JSON path (``$.properties.age.type``); then compiled by xgrammar, the grammar library vLLM uses, in a worker
-thread (never on the event loop nor the engine thread). Compiled grammars are kept by schema, so a schema seen
-before costs a dictionary lookup. Output is compact JSON: no free whitespace between the grammar's tokens, so
-a model cannot loop on blank space inside an object.
+JSON path (``$.properties.age.type``); then made into a grammar by llguidance (vLLM's ``guidance`` backend) and
+checked against the model's tokenizer, in a worker thread (never on the event loop nor the engine thread). Grammars
+are kept by schema, so a schema seen before costs a dictionary lookup.
+
+Both backends constrain with the same grammar: the schema handed to llguidance (``OutputConstraint.grammar_schema``)
+carries its options inside it (``x-guidance``), so vLLM's guidance backend builds exactly the grammar the hf engine
+does. Output is compact JSON: ``", "`` and ``": "`` between items, no other whitespace, so a model cannot loop on
+blank space inside an object. Objects are closed (``additionalProperties: false`` where the schema says nothing),
+as OpenAI's strict mode has them.
+
+Why llguidance and not xgrammar (vLLM's default): a string with ``maxLength`` costs xgrammar 0.2.8 about 1 ms of CPU
+per token and row to mask, and llguidance 0.1 ms (``bench/grammar_fill.py``). At 32 rows that was 15 % of a step on
+the vllm backend (docs/benchmarks.md, "Structured output").
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -21,68 +31,99 @@ from server.protocol import ResponseFormatJSONObject, ResponseFormatJSONSchema, 
 
 ResponseFormatModel = ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema
 SCHEMA_PARAM = "response_format.json_schema.schema"
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# llguidance's JSON options, carried inside the schema so that every backend reads the same ones
+GRAMMAR_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class UnsupportedTokenizerError(Exception):
+    """The grammar library cannot map the model's tokens to bytes: no request can be constrained."""
 
 
 class GrammarCompiler:
-    """xgrammar's compiler for one model's tokenizer and vocabulary, made on first use, and the grammars it
-    compiled, by schema (the last ``cache_size``; thread-safe)."""
+    """llguidance's tokenizer for one model (made on first use: about a second) and the grammars made for it, by
+    schema (the last ``cache_size``; thread-safe)."""
 
     def __init__(self, info: ModelInfo, cache_size: int = 256) -> None:
         self.info = info
         self.cache_size = cache_size
-        self._compiler: Any = None
+        self._tokenizer: Any = None
         self._lock = threading.Lock()
-        self._grammars: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
-        self.compiled = 0  # grammars compiled so far (cache misses)
+        self._grammars: OrderedDict[tuple[str, str | None], tuple[str, Any]] = OrderedDict()
+        self.compiled = 0  # grammars made so far (cache misses)
 
-    def _get(self) -> Any:
+    def tokenizer(self) -> Any:
+        """llguidance's view of the model's tokenizer, over the model's whole vocabulary."""
         with self._lock:
-            if self._compiler is None:
-                import xgrammar as xgr
+            if self._tokenizer is None:
+                import llguidance.hf
 
-                tokenizer_info = xgr.TokenizerInfo.from_huggingface(
-                    self.info.tokenizer, vocab_size=self.info.vocab_size
-                )
-                self._compiler = xgr.GrammarCompiler(tokenizer_info, cache_enabled=True)
-            return self._compiler
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(self.info.tokenizer, n_vocab=self.info.vocab_size)
+                except Exception as exc:  # it reads fast tokenizers with byte-level or byte-fallback pieces only
+                    raise UnsupportedTokenizerError(
+                        f"structured output is not available for this model: llguidance cannot read its tokenizer "
+                        f"({exc})"
+                    ) from exc
+            return self._tokenizer
 
     def compile(self, kind: str, schema: str | None) -> tuple[str, Any]:
-        """The grammar of ``json_object`` (any JSON object) or ``json_schema`` (``schema``, JSON text): its EBNF
-        text and the compiled grammar."""
+        """The grammar of ``json_object`` (any JSON object) or ``json_schema`` (``schema``, JSON text): the schema
+        llguidance builds it from (JSON text, options inside) and a matcher at its start, which requests copy.
+        A ``ValueError`` with llguidance's reason when the schema cannot be made into a grammar."""
         key = (kind, schema)
         with self._lock:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
-                cached: tuple[str, Any] = self._grammars[key]
-                return cached
-        compiler = self._get()
-        ebnf = json_grammar(schema if kind == "json_schema" else None)
-        grammar = (ebnf, compiler.compile_grammar(ebnf))
+                return self._grammars[key]
+        import llguidance
+
+        grammar_schema = json.dumps(grammar_schema_of(None if schema is None else json.loads(schema)))
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(grammar_schema)
+        tokenizer = self.tokenizer()
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        if failed:
+            raise ValueError(messages[0] if messages else "llguidance refused the grammar")
+        compiled = (grammar_schema, llguidance.LLMatcher(tokenizer, grammar))
         with self._lock:
             self.compiled += 1
-            self._grammars[key] = grammar
+            self._grammars[key] = compiled
             while len(self._grammars) > self.cache_size:
                 self._grammars.popitem(last=False)
-        return grammar
+        return compiled
 
 
-# xgrammar 0.2.8 writes a string with maxLength/minLength as characters of [^"\\\r\n]: raw control characters
-# (U+0000-U+001F), which JSON forbids in a string, pass (seen: "\x0c" in a city name under an edit, which pydantic
-# then refused). Its unbounded strings exclude them. The bounded class gets the same exclusion here.
-_BOUNDED_STRING_CHARACTER = r"[^\"\\\r\n]"
-_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\]"
-
-
-def json_grammar(schema: str | None) -> str:
-    """The EBNF grammar of compact JSON matching ``schema`` (JSON text; None: any object), from xgrammar's
-    converter, with JSON's rule on control characters in every string."""
-    import xgrammar as xgr
-
+def grammar_schema_of(schema: dict[str, Any] | None) -> dict[str, Any]:
+    """The schema llguidance builds the grammar from: ``schema`` (None: any JSON object) with its objects closed
+    and the JSON options inside it (``x-guidance``)."""
     if schema is None:
-        grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-    else:
-        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
-    return str(grammar).replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER)
+        return {**ANY_OBJECT, "x-guidance": GRAMMAR_OPTIONS}
+    closed = copy.deepcopy(schema)
+    _close_objects(closed)
+    return {**closed, "x-guidance": GRAMMAR_OPTIONS}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")  # name → schema
+_VALUES = ("const", "enum", "default", "examples", "required")  # JSON values, not schemas
+
+
+def _close_objects(node: Any) -> None:
+    """``additionalProperties: false`` on every object schema with ``properties`` that says nothing of others."""
+    if isinstance(node, list):
+        for item in node:
+            _close_objects(item)
+        return
+    if not isinstance(node, dict):
+        return
+    others = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(node.get("properties"), dict) and not any(key in node for key in others):
+        node["additionalProperties"] = False
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for schema in value.values():
+                _close_objects(schema)
+        elif key not in _VALUES:
+            _close_objects(value)
 
 
 def check_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None:
@@ -107,15 +148,17 @@ async def compile_constraint(
         check_schema(schema, param)
         text = json.dumps(schema, sort_keys=True)
     try:
-        ebnf, grammar = await asyncio.to_thread(compiler.compile, kind, text)
-    except (RuntimeError, ValueError) as exc:  # xgrammar's messages carry a C++ source location: keep the reason
-        reason = str(exc).strip().splitlines()[0].split(": ", 1)[-1] if str(exc).strip() else type(exc).__name__
+        grammar_schema, grammar = await asyncio.to_thread(compiler.compile, kind, text)
+    except UnsupportedTokenizerError as exc:
+        raise APIError(400, str(exc), param=param.split(".")[0], code="structured_output_unsupported") from exc
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise APIError(
             400, f"the JSON schema cannot be compiled: {reason}", param=param, code="invalid_schema"
         ) from exc
     if schema is None:
-        return OutputConstraint(kind="json_object", ebnf=ebnf, grammar=grammar)
-    return OutputConstraint(kind="json_schema", schema=text, ebnf=ebnf, grammar=grammar)
+        return OutputConstraint(kind="json_object", grammar_schema=grammar_schema, grammar=grammar)
+    return OutputConstraint(kind="json_schema", schema=text, grammar_schema=grammar_schema, grammar=grammar)
 
 
 async def response_format_constraint(

@@ -361,11 +361,12 @@ def _prompt_logprobs(items: Any, prompt: list[int], k: int) -> list[TokenLogprob
 
 
 def _structured_outputs(request: GenerationRequest) -> Any:
-    """vLLM's structured outputs for the request's constraint (None: free text): the grammar the hf engine uses
-    (compact JSON, JSON's string rules), as EBNF, which vLLM compiles with xgrammar in its own process."""
+    """vLLM's structured outputs for the request's constraint (None: free text): the schema the hf engine builds
+    its grammar from, llguidance's options inside it, for vLLM's guidance backend (``engine_args_for`` selects it),
+    which builds the same grammar in vLLM's own process."""
     constraint = request.constraint
     if constraint is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    return StructuredOutputsParams(grammar=constraint.ebnf)
+    return StructuredOutputsParams(json=constraint.grammar_schema)

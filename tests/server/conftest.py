@@ -30,7 +30,8 @@ def make_tiny_tokenizer() -> Any:
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {token: i for i, token in enumerate(TINY_SPECIALS + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
+    # read as literal UTF-8 text, as sentencepiece vocabularies are (llguidance, the grammar library, needs to know)
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     backend.add_special_tokens(TINY_SPECIALS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"

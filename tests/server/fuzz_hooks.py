@@ -1,7 +1,7 @@
 """schemathesis hooks for tests/server/test_fuzz.py (loaded through ``SCHEMATHESIS_HOOKS``).
 
 Structured output and tool calls have rules no JSON Schema of the request can state: a ``json_schema.schema`` or a
-tool's ``parameters`` must itself be a valid JSON Schema that xgrammar compiles, a named ``tool_choice`` must name one
+tool's ``parameters`` must itself be a valid JSON Schema that llguidance compiles, a named ``tool_choice`` must name one
 of the request's ``tools``, a tool call needs tools, and ``response_format`` and tools cannot both constrain one
 answer. A schema-valid request that breaks one of them gets our documented 400 (docs/server.md, "Structured output
 and tool calls"); that one refusal is not a failure. Nor is a prompt too long for the context when the request has

@@ -98,17 +98,48 @@ def test_compiled_grammars_are_kept_by_schema(tiny_loaded: LoadedModel) -> None:
     assert constraint(compiler, LETTERS).grammar is not first.grammar and compiler.compiled == 4
 
 
-def test_bounded_strings_keep_jsons_rule_on_control_characters(compiler: GrammarCompiler) -> None:
-    """xgrammar 0.2.8 lets raw control characters into a string with maxLength; JSON does not (the fix's test)."""
-    import xgrammar as xgr
+def takes(compiler: GrammarCompiler, schema: dict[str, Any], text: str) -> bool:
+    """Whether the schema's grammar takes ``text`` as (the start of) an answer."""
+    ids = compiler.info.tokenizer.encode(text, add_special_tokens=False)
+    return bool(constraint(compiler, schema).grammar.deep_copy().try_consume_tokens(ids) == len(ids))
 
-    raw = '{"name": "ab\x0c'
-    unfixed = compiler._get().compile_json_schema(json.dumps(SHORT), any_whitespace=False)
-    assert xgr.GrammarMatcher(unfixed).accept_string(raw)  # the library's own grammar takes it
-    matcher = xgr.GrammarMatcher(constraint(compiler, SHORT).grammar)
-    assert not matcher.accept_string(raw)
-    matcher.reset()
-    assert matcher.accept_string('{"name": "abc", "ok": true}') and matcher.is_completed()
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ('{"name": "abcdef", "ok": true}', True),
+        ('{"name": "abcdefg", "ok": true}', False),  # maxLength 6
+        ('{"name": "", "ok": true}', False),  # minLength 1
+        ('{"name": "ab\n", "ok": true}', False),  # a raw control character: JSON forbids it (xgrammar 0.2.8 took it)
+        ('{"name": "ab\\n", "ok": true}', True),  # the escaped one is fine
+        ('{"name": "ab", "ok": true, "more": 1}', False),  # a property the schema does not name
+        ('{"name":"ab", "ok": true}', False),  # compact JSON: ": " and ", " only
+        ('{"name": "ab",  "ok": true}', False),
+    ],
+)
+def test_the_grammar_takes_what_the_schema_and_compact_json_take(
+    compiler: GrammarCompiler, text: str, valid: bool
+) -> None:
+    """The grammar against an independent judge: ``jsonschema`` for the schema, json.dumps for the layout."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        judged = False
+    else:
+        judged = jsonschema.Draft202012Validator(SHORT).is_valid(parsed) and json.dumps(parsed) == text
+    assert judged is valid  # the table is right
+    assert takes(compiler, SHORT, text) is valid
+
+
+def test_objects_without_additional_properties_are_closed(compiler: GrammarCompiler) -> None:
+    """As OpenAI's strict mode has them: a schema that says nothing of other properties takes none, at any depth;
+    one that allows them takes them."""
+    inner = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    nested = {"type": "object", "properties": {"properties": inner}, "required": ["properties"]}
+    assert takes(compiler, nested, '{"properties": {"a": 1}}')
+    assert not takes(compiler, nested, '{"properties": {"a": 1, "b"')
+    assert not takes(compiler, nested, '{"properties": {"a": 1}, "b"')
+    assert takes(compiler, {**inner, "additionalProperties": True}, '{"a": 1, "b": 2}')
 
 
 def test_a_temperature_too_small_for_float32_samples_greedily(

@@ -168,8 +168,9 @@ TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type"
 
 
 def test_structured_output_and_tool_calls_equal_the_hf_backend(servers: dict[str, LiveServer]) -> None:
-    """Issue 30: the same grammar on both backends (vLLM's structured outputs get the hf engine's EBNF), so the
-    greedy constrained texts are equal, edited or not, and valid; rows with and without a grammar share a batch."""
+    """Issue 30: the same grammar on both backends (vLLM's guidance backend gets the schema the hf engine builds its
+    grammar from), so the greedy constrained texts are equal, edited or not, and valid; rows with and without a
+    grammar share a batch."""
     import jsonschema
 
     schema_format = {"type": "json_schema", "json_schema": {"name": "letters", "schema": LETTERS, "strict": True}}
