@@ -194,3 +194,23 @@ def test_the_compile_runs_off_the_calling_thread(tiny_loaded: LoadedModel, monke
     monkeypatch.setattr(compiler, "compile", recording)
     constraint(compiler, SHORT)
     assert threads and threads[0] != threading.get_ident()
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_clear_400(tiny_loaded: LoadedModel) -> None:
+    """Structured output needs the tokens as bytes; a tokenizer that does not say how (a bare Fuse decoder) gets a
+    400 that says so, not a 500 nor a schema error."""
+    import dataclasses
+
+    from tokenizers import decoders
+
+    from server.errors import APIError
+    from tests.server.conftest import make_tiny_tokenizer
+
+    opaque = make_tiny_tokenizer()
+    opaque.backend_tokenizer.decoder = decoders.Fuse()
+    info = dataclasses.replace(ModelInfo.from_loaded(tiny_loaded), tokenizer=opaque)
+    with pytest.raises(APIError) as caught:
+        constraint(GrammarCompiler(info), SHORT)
+    assert caught.value.status == 400 and caught.value.code == "structured_output_unsupported"
+    assert "llguidance cannot read its tokenizer" in str(caught.value)
+    assert constraint(GrammarCompiler(ModelInfo.from_loaded(tiny_loaded)), SHORT).grammar is not None
