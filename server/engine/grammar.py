@@ -46,6 +46,13 @@ class RowGrammar:
         return True
 
 
+def preload() -> None:
+    """Import the mask libraries ahead of the first constrained step (llguidance's torch helpers import
+    ``torch._dynamo``, xgrammar its runtime: about 1.5 s the first time)."""
+    import llguidance.torch  # noqa: F401
+    import xgrammar  # noqa: F401
+
+
 def new_matcher(constraint: OutputConstraint | None) -> RowGrammar | None:
     """A fresh matcher for one request's constraint (None: no constraint, or one without a grammar)."""
     if constraint is None or constraint.grammar is None:
