@@ -11,9 +11,9 @@ does. Output is compact JSON: ``", "`` and ``": "`` between items, no other whit
 blank space inside an object. Objects are closed (``additionalProperties: false`` where the schema says nothing),
 as OpenAI's strict mode has them.
 
-Why llguidance and not xgrammar (vLLM's default): a string with ``maxLength`` costs xgrammar 0.2.8 about 1 ms of CPU
-per token and row to mask, and llguidance 0.1 ms (``bench/grammar_fill.py``). At 32 rows that was 15 % of a step on
-the vllm backend (docs/benchmarks.md, "Structured output").
+Why llguidance and not xgrammar (vLLM's default): a string with ``maxLength`` costs xgrammar 0.2.8 about 0.8-1.3 ms
+of CPU per token and row to mask, and llguidance 0.1 ms (``bench/grammar_fill.py``). At 32 rows that made the vllm
+backend's constrained streams 15-26 % slower than free ones (docs/benchmarks.md, "Structured output").
 """
 
 from __future__ import annotations
