@@ -146,7 +146,7 @@ async def compile_constraint(
     text = None
     if schema is not None:
         check_schema(schema, param)
-        text = json.dumps(schema, sort_keys=True)
+        text = json.dumps(schema)  # in the client's order: the answer's properties come in the schema's order
     try:
         grammar_schema, grammar = await asyncio.to_thread(compiler.compile, kind, text)
     except UnsupportedTokenizerError as exc:

@@ -214,3 +214,11 @@ def test_a_tokenizer_llguidance_cannot_read_is_a_clear_400(tiny_loaded: LoadedMo
     assert caught.value.status == 400 and caught.value.code == "structured_output_unsupported"
     assert "llguidance cannot read its tokenizer" in str(caught.value)
     assert constraint(GrammarCompiler(ModelInfo.from_loaded(tiny_loaded)), SHORT).grammar is not None
+
+
+def test_properties_come_in_the_schemas_order(compiler: GrammarCompiler) -> None:
+    """As OpenAI's strict mode writes them: in the order the client's schema lists them (not sorted by name)."""
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}},
+              "required": ["b", "a"]}  # fmt: skip
+    assert takes(compiler, schema, '{"b": 1, "a": 2}')
+    assert not takes(compiler, schema, '{"a": 2')
