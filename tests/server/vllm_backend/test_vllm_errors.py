@@ -97,3 +97,19 @@ def test_a_model_vllm_cannot_load_is_a_clear_error_and_leaves_no_process(tmp_pat
     alive = [p for p in left if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
     assert alive == [], [p.name() for p in alive]
     shutil.rmtree(model)
+
+
+def test_the_engine_constrains_with_llguidance_unless_the_user_says_otherwise(llama_dir: Path) -> None:
+    """vLLM's guidance backend builds the hf engine's grammar from the schema we pass; an explicit
+    ``structured_outputs_config`` wins; a wrong one is a clear error before vLLM starts."""
+    require_vllm()
+    from server.vllm_backend.engine_args import engine_args_for
+
+    def backend(*vllm_arg: str) -> str:
+        settings = ServerSettings(backend="vllm", vllm_arg=list(vllm_arg))
+        return str(engine_args_for(settings, str(llama_dir), "llama").structured_outputs_config.backend)
+
+    assert backend() == "guidance"
+    assert backend('structured_outputs_config={"backend": "xgrammar"}') == "xgrammar"
+    with pytest.raises(ModelLoadError, match=r"vLLM engine arguments .*no-such-library"):
+        backend('structured_outputs_config={"backend": "no-such-library"}')
